@@ -1,0 +1,865 @@
+//! One client connection and, while a request is forwarded, its backend connection.
+//!
+//! The connection is a state machine ([`Phase`]): handshaking, reading a request head, proxying
+//! an exchange with the backend, closing (flushing the last answer and close_notify), lingering
+//! (discarding what the client still sends so the answer is not lost to a reset), closed.
+//! [`Conn::pump`] is called for every readiness event on either socket and moves as many bytes as
+//! the buffers allow until nothing more can move: sockets are edge-triggered, so every read and
+//! write goes on until `WouldBlock`, and a full buffer stops the reading side (back-pressure).
+//!
+//! Every error a peer can cause ends here as an answer or a closed connection, never as a panic
+//! or an error returned to the loop.
+
+use std::io::{self, Read, Write};
+use std::mem;
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use rustls::ServerConnection;
+
+use crate::http::{self, Body, Forwarding, Framing, Problem, RequestHead, ResponseHead};
+use crate::policy::{self, ClientCert, Decision};
+use crate::route::ResourceMatch;
+use crate::snapshot::Snapshot;
+
+/// How much of a body each direction holds at most, per buffer.
+const BUFFER: usize = 64 * 1024;
+/// The largest backend response head.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// How long a closing connection may take to flush and to let the client finish sending.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Limits and timeouts of SPEC 6.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_head: usize,
+    pub handshake_timeout: Duration,
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub backend_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_head: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            backend_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the loop lends a connection for one pump.
+pub struct Context<'a> {
+    pub registry: &'a Registry,
+    pub snapshot: &'a Snapshot,
+    pub limits: &'a Limits,
+    pub now: Instant,
+    /// Unix seconds, for certificate validity.
+    pub unix_now: i64,
+    /// SIGTERM arrived: finish what is in flight, take no new request.
+    pub draining: bool,
+    pub request_ids: &'a mut RequestIds,
+}
+
+/// Fresh request ids: a random prefix chosen at start, and a counter.
+pub struct RequestIds {
+    prefix: u64,
+    next: u64,
+}
+
+impl RequestIds {
+    pub fn new(prefix: u64) -> Self {
+        Self { prefix, next: 0 }
+    }
+
+    fn next(&mut self) -> String {
+        self.next += 1;
+        format!("{:016x}{:08x}", self.prefix, self.next)
+    }
+}
+
+enum Phase {
+    Handshaking,
+    ReadingHead,
+    Proxying(Box<Exchange>),
+    /// Flushing the last answer and close_notify.
+    Closing,
+    /// Write side shut; discarding what the client still sends.
+    Lingering,
+    Closed,
+}
+
+/// One request on its way to the backend and its answer on the way back.
+struct Exchange {
+    backend: TcpStream,
+    connected: bool,
+    addrs: Vec<SocketAddr>,
+    /// Index in `addrs` of the address being tried.
+    addr: usize,
+    /// Bytes for the backend: the request head, then the body as it arrives.
+    to_backend: Vec<u8>,
+    from_backend: Vec<u8>,
+    backend_eof: bool,
+    request: Body,
+    response: Response,
+    request_was_head: bool,
+    request_id: String,
+    /// Close the client connection once this exchange is done.
+    close: bool,
+}
+
+enum Response {
+    Head,
+    Body(Body),
+    Done,
+}
+
+pub struct Conn {
+    sock: TcpStream,
+    tls: ServerConnection,
+    peer: SocketAddr,
+    backend_token: Token,
+    client_cert: Option<ClientCert>,
+    /// Plaintext from the client not yet consumed.
+    input: Vec<u8>,
+    /// Plaintext for the client not yet taken by rustls.
+    output: Vec<u8>,
+    client_eof: bool,
+    head: RequestHead,
+    response_head: ResponseHead,
+    phase: Phase,
+    deadline: Instant,
+}
+
+impl Conn {
+    pub fn new(
+        sock: TcpStream,
+        tls: ServerConnection,
+        peer: SocketAddr,
+        backend_token: Token,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            sock,
+            tls,
+            peer,
+            backend_token,
+            client_cert: None,
+            input: Vec::new(),
+            output: Vec::new(),
+            client_eof: false,
+            head: RequestHead::default(),
+            response_head: ResponseHead::default(),
+            phase: Phase::Handshaking,
+            deadline,
+        }
+    }
+
+    pub fn socket(&mut self) -> &mut TcpStream {
+        &mut self.sock
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// True while no request is in progress: the connection can go at once when draining.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.phase, Phase::ReadingHead) && self.input.is_empty()
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Moves bytes until nothing more can move.
+    pub fn pump(&mut self, cx: &mut Context<'_>) {
+        // Each round moves bytes or changes phase; buffers are bounded, so rounds are too.
+        loop {
+            let mut progress = self.read_client();
+            progress |= self.advance(cx);
+            progress |= self.flush_client();
+            if matches!(self.phase, Phase::Closed) {
+                break;
+            }
+            if !progress {
+                break;
+            }
+        }
+        if matches!(self.phase, Phase::Closed) {
+            self.release(cx.registry);
+        }
+    }
+
+    /// Called when the deadline has passed.
+    pub fn expire(&mut self, cx: &mut Context<'_>) {
+        match mem::replace(&mut self.phase, Phase::Closed) {
+            Phase::ReadingHead if !self.input.is_empty() => {
+                let problem = Problem::new(
+                    408,
+                    "request-timeout",
+                    "Request timeout",
+                    "the request head did not arrive in time".into(),
+                );
+                let id = cx.request_ids.next();
+                problem.write(&id, true, &mut self.output);
+                self.input.clear();
+                self.close(cx.now);
+            }
+            Phase::Proxying(mut ex) => {
+                let _ = cx.registry.deregister(&mut ex.backend);
+                if matches!(ex.response, Response::Head) {
+                    let problem = if ex.connected {
+                        Problem::new(
+                            504,
+                            "backend-timeout",
+                            "Backend timeout",
+                            "the backend did not answer in time".into(),
+                        )
+                    } else {
+                        Problem::backend_unavailable(
+                            "the backend did not accept the connection in time".into(),
+                        )
+                    };
+                    problem.write(&ex.request_id, true, &mut self.output);
+                    self.close(cx.now);
+                }
+            }
+            _ => {}
+        }
+        self.pump(cx);
+    }
+
+    /// Reads TLS records and decrypts them into `input` while it has room.
+    fn read_client(&mut self) -> bool {
+        if matches!(self.phase, Phase::Lingering) {
+            return self.discard();
+        }
+        if matches!(self.phase, Phase::Closed | Phase::Closing) || self.client_eof {
+            return false;
+        }
+        let mut progress = false;
+        loop {
+            if self.input.len() < BUFFER {
+                let start = self.input.len();
+                self.input.resize(BUFFER.min(start + 16 * 1024), 0);
+                let read = self.tls.reader().read(&mut self.input[start..]);
+                match read {
+                    Ok(0) => {
+                        self.input.truncate(start);
+                        self.client_eof = true;
+                        return true;
+                    }
+                    Ok(n) => {
+                        self.input.truncate(start + n);
+                        progress = true;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.input.truncate(start),
+                    Err(_) => {
+                        self.input.truncate(start);
+                        self.client_eof = true;
+                        return true;
+                    }
+                }
+            }
+            if !self.tls.wants_read() {
+                return progress;
+            }
+            match self.tls.read_tls(&mut self.sock) {
+                Ok(0) => {
+                    self.client_eof = true;
+                    return true;
+                }
+                Ok(_) => {
+                    progress = true;
+                    if self.tls.process_new_packets().is_err() {
+                        // rustls queued an alert; send it and go.
+                        let _ = self.tls.write_tls(&mut self.sock);
+                        self.phase = Phase::Closed;
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return progress,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.phase = Phase::Closed;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Hands `output` to rustls and rustls' records to the socket.
+    fn flush_client(&mut self) -> bool {
+        if matches!(self.phase, Phase::Closed | Phase::Lingering) {
+            return false;
+        }
+        let mut progress = false;
+        if !self.output.is_empty() {
+            match self.tls.writer().write(&self.output) {
+                Ok(n) if n > 0 => {
+                    self.output.drain(..n);
+                    progress = true;
+                }
+                _ => {}
+            }
+        }
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.sock) {
+                Ok(_) => progress = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.phase = Phase::Closed;
+                    return true;
+                }
+            }
+        }
+        progress
+    }
+
+    fn advance(&mut self, cx: &mut Context<'_>) -> bool {
+        match &self.phase {
+            Phase::Handshaking => {
+                if self.tls.is_handshaking() {
+                    if self.client_eof {
+                        self.phase = Phase::Closed;
+                        return true;
+                    }
+                    return false;
+                }
+                self.client_cert = self
+                    .tls
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(client_cert);
+                self.phase = Phase::ReadingHead;
+                self.deadline = cx.now + cx.limits.idle_timeout;
+                true
+            }
+            Phase::ReadingHead => self.start_request(cx),
+            Phase::Proxying(_) => self.proxy(cx),
+            Phase::Closing => {
+                if !self.output.is_empty() || self.tls.wants_write() {
+                    return false;
+                }
+                let _ = self.sock.shutdown(Shutdown::Write);
+                self.phase = Phase::Lingering;
+                true
+            }
+            Phase::Lingering | Phase::Closed => false,
+        }
+    }
+
+    /// Parses the next request head and either answers it or starts an exchange.
+    fn start_request(&mut self, cx: &mut Context<'_>) -> bool {
+        // Answers go out in order: the next request waits until the last answer is flushed.
+        if !self.output.is_empty() || self.tls.wants_write() {
+            return false;
+        }
+        if self.input.is_empty() {
+            if self.client_eof || cx.draining {
+                self.close(cx.now);
+                return true;
+            }
+            return false;
+        }
+        match http::parse_request(&self.input, &mut self.head) {
+            Ok(true) => {}
+            Ok(false) if self.input.len() > cx.limits.max_head => {
+                let problem = Problem::new(
+                    431,
+                    "headers-too-large",
+                    "Request header fields too large",
+                    format!(
+                        "the request head is larger than {} bytes",
+                        cx.limits.max_head
+                    ),
+                );
+                return self.refuse_unparsed(problem, cx);
+            }
+            Ok(false) => {
+                if self.client_eof {
+                    self.close(cx.now);
+                    return true;
+                }
+                if self.deadline > cx.now + cx.limits.request_timeout {
+                    self.deadline = cx.now + cx.limits.request_timeout;
+                }
+                return false;
+            }
+            Err(http::HeadError::Syntax(httparse::Error::TooManyHeaders)) => {
+                let problem = Problem::new(
+                    431,
+                    "headers-too-large",
+                    "Request header fields too large",
+                    format!(
+                        "the request has more than {} header lines",
+                        http::MAX_HEADERS
+                    ),
+                );
+                return self.refuse_unparsed(problem, cx);
+            }
+            Err(e) => return self.refuse_unparsed(Problem::bad_request(format!("{e}")), cx),
+        }
+        if self.head.len > cx.limits.max_head {
+            let problem = Problem::new(
+                431,
+                "headers-too-large",
+                "Request header fields too large",
+                format!(
+                    "the request head is larger than {} bytes",
+                    cx.limits.max_head
+                ),
+            );
+            return self.refuse_unparsed(problem, cx);
+        }
+        let request_id = cx.request_ids.next();
+        match self.route(cx) {
+            Ok(api) => self.forward(api, request_id, cx),
+            Err(problem) => {
+                let has_body = self.head.framing != Some(Framing::None);
+                let close = has_body || !self.head.keep_alive || cx.draining;
+                problem.write(&request_id, close, &mut self.output);
+                self.input.drain(..self.head.len);
+                if close {
+                    self.close(cx.now);
+                } else {
+                    self.deadline = cx.now + cx.limits.idle_timeout;
+                }
+            }
+        }
+        true
+    }
+
+    /// A head that could not be parsed: answer, and close (the framing is unknown).
+    fn refuse_unparsed(&mut self, problem: Problem, cx: &mut Context<'_>) -> bool {
+        let id = cx.request_ids.next();
+        problem.write(&id, true, &mut self.output);
+        self.input.clear();
+        self.close(cx.now);
+        true
+    }
+
+    /// Routes and judges the parsed head; the index of the API on success.
+    fn route(&self, cx: &Context<'_>) -> Result<usize, Problem> {
+        let snapshot = cx.snapshot;
+        // httparse only accepts visible ASCII in the target.
+        let path = std::str::from_utf8(&self.input[self.head.path.clone()]).unwrap_or("/");
+        let method = std::str::from_utf8(&self.input[self.head.method.clone()]).unwrap_or("");
+        let (index, rest) = snapshot
+            .router
+            .find(path)
+            .ok_or_else(|| Problem::not_found(path))?;
+        let view = &snapshot.apis[index];
+        let resource = match crate::route::match_resource(&view.resources, method, rest) {
+            ResourceMatch::Unrestricted => None,
+            ResourceMatch::Matched(i) => Some(&view.resources[i]),
+            ResourceMatch::NotFound => return Err(Problem::not_found(path)),
+            ResourceMatch::MethodNotAllowed(allow) => {
+                let mut problem = Problem::new(
+                    405,
+                    "method-not-allowed",
+                    "Method not allowed",
+                    format!("{path} does not accept {method}; it accepts {allow}"),
+                );
+                problem.headers = format!("Allow: {allow}\r\n");
+                return Err(problem);
+            }
+        };
+        match policy::decide(self.client_cert.as_ref(), view, resource, cx.unix_now) {
+            Decision::Allow { .. } => Ok(index),
+            Decision::Refuse(refusal) => Err(refusal.to_problem()),
+        }
+    }
+
+    /// Starts forwarding the parsed request to the API's backend.
+    fn forward(&mut self, api: usize, request_id: String, cx: &mut Context<'_>) {
+        let view = &cx.snapshot.apis[api];
+        let backend = &view.api.backend;
+        let path = std::str::from_utf8(&self.input[self.head.path.clone()]).unwrap_or("/");
+        let rest = &path[view.base_path.len().min(path.len())..];
+        let mut to_backend = Vec::with_capacity(self.head.len + 256);
+        let forwarding = Forwarding {
+            backend_path: &backend.path,
+            rest: rest.as_bytes(),
+            backend_authority: &backend.authority,
+            client_ip: self.peer.ip(),
+            request_id: &request_id,
+            client_cert: None,
+            client_cert_chain: None,
+        };
+        http::write_upstream_head(&self.input, &self.head, &forwarding, &mut to_backend);
+        let framing = self.head.framing.unwrap_or(Framing::None);
+        let request_was_head = &self.input[self.head.method.clone()] == b"HEAD";
+        let close = !self.head.keep_alive || cx.draining;
+        let expect_continue = self.head.expect_continue && framing != Framing::None;
+        self.input.drain(..self.head.len);
+        let addrs = backend.addrs.clone();
+        let mut failure = None;
+        let mut connected = None;
+        for (i, addr) in addrs.iter().enumerate() {
+            match connect(*addr, cx.registry, self.backend_token) {
+                Ok(sock) => {
+                    connected = Some((sock, i));
+                    break;
+                }
+                Err(e) => failure = Some(format!("cannot connect to the backend at {addr}: {e}")),
+            }
+        }
+        let Some((backend, addr)) = connected else {
+            let detail = failure.unwrap_or_else(|| "the backend has no address".into());
+            let close = close || framing != Framing::None;
+            Problem::backend_unavailable(detail).write(&request_id, close, &mut self.output);
+            if close {
+                self.close(cx.now);
+            }
+            return;
+        };
+        if expect_continue {
+            self.output
+                .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        self.deadline = cx.now + cx.limits.backend_timeout;
+        self.phase = Phase::Proxying(Box::new(Exchange {
+            backend,
+            connected: false,
+            addrs,
+            addr,
+            to_backend,
+            from_backend: Vec::new(),
+            backend_eof: false,
+            request: Body::new(framing),
+            response: Response::Head,
+            request_was_head,
+            request_id,
+            close,
+        }));
+    }
+
+    /// Moves the exchange along: connect, request body out, response back.
+    fn proxy(&mut self, cx: &mut Context<'_>) -> bool {
+        let Phase::Proxying(ex) = &mut self.phase else {
+            return false;
+        };
+        let mut progress = false;
+        if !ex.connected {
+            match connect_result(&ex.backend) {
+                Ok(true) => {
+                    ex.connected = true;
+                    progress = true;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    let _ = cx.registry.deregister(&mut ex.backend);
+                    let failed = ex.addrs[ex.addr];
+                    let next = (ex.addr + 1..ex.addrs.len()).find_map(|i| {
+                        Some((
+                            connect(ex.addrs[i], cx.registry, self.backend_token).ok()?,
+                            i,
+                        ))
+                    });
+                    match next {
+                        Some((sock, i)) => {
+                            ex.backend = sock;
+                            ex.addr = i;
+                            return true;
+                        }
+                        None => {
+                            let detail = format!("cannot connect to the backend at {failed}: {e}");
+                            return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                        }
+                    }
+                }
+            }
+        }
+        // The request body, from the client to the backend.
+        if !ex.request.is_done() && ex.to_backend.len() < BUFFER && !self.input.is_empty() {
+            let take = self.input.len().min(BUFFER - ex.to_backend.len());
+            match ex.request.advance(&self.input[..take]) {
+                Ok(n) => {
+                    ex.to_backend.extend_from_slice(&self.input[..n]);
+                    self.input.drain(..n);
+                    progress |= n > 0;
+                }
+                Err(e) => {
+                    let problem = Problem::bad_request(format!("{e}"));
+                    return self.fail_exchange(problem, cx);
+                }
+            }
+        }
+        if !ex.request.is_done() && self.client_eof && self.input.is_empty() {
+            // The client went away in the middle of its request.
+            let _ = cx.registry.deregister(&mut ex.backend);
+            self.phase = Phase::Closed;
+            return true;
+        }
+        if ex.connected {
+            match write_backend(ex) {
+                Ok(moved) => progress |= moved,
+                Err(e) => {
+                    let detail =
+                        format!("the backend connection failed while sending the request: {e}");
+                    return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                }
+            }
+            match read_backend(ex) {
+                Ok(moved) => progress |= moved,
+                Err(e) => {
+                    let detail = format!("the backend connection failed: {e}");
+                    return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                }
+            }
+        }
+        progress |= self.relay_response(cx);
+        if progress {
+            self.deadline = cx.now + cx.limits.backend_timeout;
+        }
+        progress | self.finish_exchange(cx)
+    }
+
+    /// Parses the backend's head and streams its body into `output`.
+    fn relay_response(&mut self, cx: &mut Context<'_>) -> bool {
+        let Phase::Proxying(ex) = &mut self.phase else {
+            return false;
+        };
+        match &mut ex.response {
+            Response::Head => {
+                if ex.from_backend.is_empty() && !ex.backend_eof {
+                    return false;
+                }
+                let parsed = http::parse_response(
+                    &ex.from_backend,
+                    ex.request_was_head,
+                    &mut self.response_head,
+                );
+                match parsed {
+                    Ok(true) => {}
+                    Ok(false) if ex.backend_eof => {
+                        let detail = "the backend closed the connection without answering".into();
+                        return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                    }
+                    Ok(false) if ex.from_backend.len() >= MAX_RESPONSE_HEAD => {
+                        let detail = "the backend's response head is too large".into();
+                        return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                    }
+                    Ok(false) => return false,
+                    Err(e) => {
+                        let detail = format!("the backend sent a malformed response: {e}");
+                        return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                    }
+                }
+                let head = &self.response_head;
+                if head.status == 101 {
+                    let detail =
+                        "the backend switched protocols, which certgate does not relay".into();
+                    return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                }
+                if (100..200).contains(&head.status) {
+                    // Interim answers pass on to HTTP/1.1 clients; the final one follows.
+                    if self.head.minor_version == 1 {
+                        http::write_client_head(&ex.from_backend, head, false, &mut self.output);
+                    }
+                    ex.from_backend.drain(..head.len);
+                    return true;
+                }
+                let framing = head.framing.unwrap_or(Framing::None);
+                ex.close |= framing == Framing::UntilClose || cx.draining || !ex.request.is_done();
+                http::write_client_head(&ex.from_backend, head, ex.close, &mut self.output);
+                ex.from_backend.drain(..head.len);
+                ex.response = Response::Body(Body::new(framing));
+                true
+            }
+            Response::Body(body) => {
+                let mut progress = false;
+                if !ex.from_backend.is_empty() && self.output.len() < BUFFER {
+                    let take = ex.from_backend.len().min(BUFFER - self.output.len());
+                    match body.advance(&ex.from_backend[..take]) {
+                        Ok(n) => {
+                            self.output.extend_from_slice(&ex.from_backend[..n]);
+                            ex.from_backend.drain(..n);
+                            progress = n > 0;
+                        }
+                        Err(_) => {
+                            // Part of the answer is out: all that is left is to close.
+                            let _ = cx.registry.deregister(&mut ex.backend);
+                            self.phase = Phase::Closed;
+                            return true;
+                        }
+                    }
+                }
+                if body.is_done() {
+                    ex.response = Response::Done;
+                    return true;
+                }
+                if ex.backend_eof && ex.from_backend.is_empty() {
+                    if *body == Body::UntilClose {
+                        ex.response = Response::Done;
+                    } else {
+                        // Truncated: the client must not take it for the whole answer.
+                        let _ = cx.registry.deregister(&mut ex.backend);
+                        self.phase = Phase::Closed;
+                    }
+                    return true;
+                }
+                progress
+            }
+            Response::Done => false,
+        }
+    }
+
+    /// Ends the exchange once the answer is relayed.
+    fn finish_exchange(&mut self, cx: &mut Context<'_>) -> bool {
+        let Phase::Proxying(ex) = &mut self.phase else {
+            return false;
+        };
+        if !matches!(ex.response, Response::Done) {
+            return false;
+        }
+        let close = ex.close || !ex.request.is_done();
+        let _ = cx.registry.deregister(&mut ex.backend);
+        if close {
+            self.close(cx.now);
+        } else {
+            self.phase = Phase::ReadingHead;
+            self.deadline = cx.now + cx.limits.idle_timeout;
+        }
+        true
+    }
+
+    /// The exchange failed: answer with `problem` if no part of the answer went out yet,
+    /// else close.
+    fn fail_exchange(&mut self, problem: Problem, cx: &mut Context<'_>) -> bool {
+        let Phase::Proxying(mut ex) = mem::replace(&mut self.phase, Phase::Closed) else {
+            return true;
+        };
+        let _ = cx.registry.deregister(&mut ex.backend);
+        if !matches!(ex.response, Response::Head) {
+            return true;
+        }
+        let close = ex.close || !ex.request.is_done();
+        problem.write(&ex.request_id, close, &mut self.output);
+        if close {
+            self.close(cx.now);
+        } else {
+            self.phase = Phase::ReadingHead;
+            self.deadline = cx.now + cx.limits.idle_timeout;
+        }
+        true
+    }
+
+    /// Starts closing: what is in `output` still goes out, then close_notify.
+    fn close(&mut self, now: Instant) {
+        self.tls.send_close_notify();
+        self.phase = Phase::Closing;
+        self.deadline = now + LINGER;
+    }
+
+    /// Reads and drops what a lingering client still sends, until it closes.
+    fn discard(&mut self) -> bool {
+        let mut scratch = [0u8; 4096];
+        loop {
+            match self.sock.read(&mut scratch) {
+                Ok(0) => {
+                    self.phase = Phase::Closed;
+                    return true;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.phase = Phase::Closed;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Deregisters what is still registered; the loop drops the connection after this batch.
+    fn release(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.sock);
+    }
+}
+
+/// The client certificate's fingerprint and subject, once per connection.
+fn client_cert(der: &rustls::pki_types::CertificateDer<'_>) -> ClientCert {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut sha256 = [0u8; 32];
+    sha256.copy_from_slice(digest.as_ref());
+    let subject = x509_parser::parse_x509_certificate(der)
+        .map(|(_, cert)| cert.subject().to_string())
+        .unwrap_or_else(|_| "(unparseable certificate)".into());
+    ClientCert { sha256, subject }
+}
+
+fn connect(addr: SocketAddr, registry: &Registry, token: Token) -> io::Result<TcpStream> {
+    let mut sock = TcpStream::connect(addr)?;
+    registry.register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)?;
+    Ok(sock)
+}
+
+/// Whether a non-blocking connect has finished: `Ok(false)` while it is in progress.
+fn connect_result(sock: &TcpStream) -> io::Result<bool> {
+    if let Some(e) = sock.take_error()? {
+        return Err(e);
+    }
+    match sock.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn write_backend(ex: &mut Exchange) -> io::Result<bool> {
+    let mut written = 0;
+    while written < ex.to_backend.len() {
+        match ex.backend.write(&ex.to_backend[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    ex.to_backend.drain(..written);
+    Ok(written > 0)
+}
+
+fn read_backend(ex: &mut Exchange) -> io::Result<bool> {
+    let mut progress = false;
+    while !ex.backend_eof && ex.from_backend.len() < BUFFER {
+        let start = ex.from_backend.len();
+        ex.from_backend.resize(BUFFER, 0);
+        let read = ex.backend.read(&mut ex.from_backend[start..]);
+        match read {
+            Ok(0) => {
+                ex.from_backend.truncate(start);
+                ex.backend_eof = true;
+                progress = true;
+            }
+            Ok(n) => {
+                ex.from_backend.truncate(start + n);
+                progress = true;
+            }
+            Err(e) => {
+                ex.from_backend.truncate(start);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => {}
+                    _ if progress || !ex.from_backend.is_empty() => {
+                        // Data arrived before the reset: relay it, then treat as closed.
+                        ex.backend_eof = true;
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(progress)
+}

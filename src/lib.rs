@@ -1,0 +1,30 @@
+//! certgate: an API gateway for edge devices that secures HTTP APIs with mutual TLS.
+//!
+//! # Layout
+//!
+//! - [`model`]: the configuration as plain values (APIs, resources, certificate entries, tiers)
+//!   and the parsing of user-facing strings such as backend URLs and path templates.
+//! - [`store`]: the SQLite file; the only module that touches rusqlite.
+//! - [`certs`]: reading client certificates (PEM, DER) and their fields with x509-parser.
+//! - [`cli`]: the subcommands, their arguments and their output.
+//! - [`snapshot`]: the in-memory, immutable view of the store that the loop serves from.
+//! - [`route`]: routing a request path to an API and a resource (pure).
+//! - [`policy`]: the security decision for one request (pure).
+//! - [`tls`]: the rustls server configuration and the client-certificate verifier.
+//! - [`http`]: HTTP/1.1 heads and body framing, and the gateway's own answers.
+//! - [`conn`]: one client connection and its backend connection, as a state machine.
+//! - [`server`]: the mio event loop: listeners, tokens, signals, snapshot reloads.
+//!
+//! `ARCHITECTURE.md` traces a request's life through these modules.
+
+pub mod certs;
+pub mod cli;
+pub mod conn;
+pub mod http;
+pub mod model;
+pub mod policy;
+pub mod route;
+pub mod server;
+pub mod snapshot;
+pub mod store;
+pub mod tls;

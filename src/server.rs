@@ -1,0 +1,380 @@
+//! The mio event loop: one thread, listeners, client and backend sockets, signals, timers and
+//! snapshot reloads.
+//!
+//! Tokens: connection `k` of the slab owns `Token(2k)` for its client socket and `Token(2k + 1)`
+//! for its backend socket; listeners and the signal pipe use tokens from the top of the range.
+//! A closed connection leaves the slab only after the batch of events it was closed in, so a
+//! token is never reused while events for its old owner may still be pending.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use ring::rand::SecureRandom;
+use rustls::ServerConnection;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use thiserror::Error;
+
+use crate::conn::{Conn, Context, Limits, RequestIds};
+use crate::model::Config;
+use crate::snapshot::Snapshot;
+use crate::store::Store;
+use crate::tls::{SessionState, TlsError};
+
+const SIGNALS: Token = Token(usize::MAX);
+/// Listener `i` has `Token(LISTENERS - i)`.
+const LISTENERS: usize = usize::MAX - 1;
+/// How often the store is asked whether it changed (SPEC 5 allows 2 s).
+const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
+/// How often deadlines are checked.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What `certgate serve` was asked to do, validated.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub listen: Vec<SocketAddr>,
+    pub require_client_cert: bool,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves until SIGTERM or SIGINT; returns once requests in flight are done or the drain
+/// deadline has passed.
+pub fn run(store: Store, options: ServeOptions) -> Result<(), ServeError> {
+    let session = SessionState::new()?;
+    let config = store.load_config()?;
+    let resolved = resolve_backends(&config);
+    let snapshot = Snapshot::build(
+        config,
+        1,
+        &session,
+        options.require_client_cert,
+        &resolved,
+        None,
+    )?;
+    store.set_nonblocking()?;
+    let data_version = store.data_version()?;
+
+    let poll = Poll::new()?;
+    let mut listeners = Vec::new();
+    for (i, &addr) in options.listen.iter().enumerate() {
+        let mut listener =
+            TcpListener::bind(addr).map_err(|source| ServeError::Listen { addr, source })?;
+        poll.registry()
+            .register(&mut listener, Token(LISTENERS - i), Interest::READABLE)?;
+        eprintln!("listening on {}", listener.local_addr()?);
+        listeners.push(listener);
+    }
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)?;
+
+    let mut server = Server {
+        poll,
+        listeners,
+        signals,
+        conns: Slab::new(),
+        store,
+        session,
+        resolved,
+        snapshot,
+        data_version,
+        options,
+        limits: Limits::default(),
+        request_ids: RequestIds::new(random_u64()),
+        drain_deadline: None,
+    };
+    server.run()
+}
+
+struct Server {
+    poll: Poll,
+    listeners: Vec<TcpListener>,
+    signals: Signals,
+    conns: Slab<Conn>,
+    store: Store,
+    session: SessionState,
+    resolved: HashMap<String, Vec<SocketAddr>>,
+    snapshot: Snapshot,
+    data_version: i64,
+    options: ServeOptions,
+    limits: Limits,
+    request_ids: RequestIds,
+    /// Set once SIGTERM or SIGINT arrived.
+    drain_deadline: Option<Instant>,
+}
+
+impl Server {
+    fn run(&mut self) -> Result<(), ServeError> {
+        let mut events = Events::with_capacity(1024);
+        let mut closed = Vec::new();
+        let mut next_reload = Instant::now() + RELOAD_INTERVAL;
+        let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
+        loop {
+            let now = Instant::now();
+            let wake = next_reload.min(next_sweep);
+            if let Err(e) = self
+                .poll
+                .poll(&mut events, Some(wake.saturating_duration_since(now)))
+            {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+            let mut reload_now = false;
+            for event in events.iter() {
+                match event.token() {
+                    SIGNALS => reload_now |= self.on_signals(),
+                    Token(t) if t > LISTENERS - self.listeners.len() && t <= LISTENERS => {
+                        self.accept(LISTENERS - t);
+                    }
+                    Token(t) => {
+                        let key = t / 2;
+                        let draining = self.drain_deadline.is_some();
+                        let mut cx = Context {
+                            registry: self.poll.registry(),
+                            snapshot: &self.snapshot,
+                            limits: &self.limits,
+                            now: Instant::now(),
+                            unix_now: unix_now(),
+                            draining,
+                            request_ids: &mut self.request_ids,
+                        };
+                        if let Some(conn) = self.conns.get_mut(key) {
+                            conn.pump(&mut cx);
+                            if conn.is_closed() {
+                                closed.push(key);
+                            }
+                        }
+                    }
+                }
+            }
+            for key in closed.drain(..) {
+                self.conns.try_remove(key);
+            }
+            let now = Instant::now();
+            if reload_now || now >= next_reload {
+                self.reload(reload_now);
+                next_reload = now + RELOAD_INTERVAL;
+            }
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now + SWEEP_INTERVAL;
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.conns.is_empty() {
+                    eprintln!("drained; exiting");
+                    return Ok(());
+                }
+                if now >= deadline {
+                    eprintln!(
+                        "drain deadline passed; closing {} connections",
+                        self.conns.len()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Handles pending signals; true when a reload was asked for.
+    fn on_signals(&mut self) -> bool {
+        let mut reload = false;
+        let mut stop = false;
+        for signal in self.signals.pending() {
+            match signal {
+                SIGHUP => reload = true,
+                _ => stop = true,
+            }
+        }
+        if stop && self.drain_deadline.is_none() {
+            eprintln!(
+                "stopping: no new connections; draining {} connections",
+                self.conns.len()
+            );
+            for mut listener in self.listeners.drain(..) {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
+            self.drain_deadline = Some(Instant::now() + self.options.drain_timeout);
+            // Idle connections go now; busy ones once their exchange is done.
+            self.pump_all(|conn| conn.is_idle());
+        }
+        reload
+    }
+
+    fn accept(&mut self, index: usize) {
+        let Some(listener) = self.listeners.get(index) else {
+            return;
+        };
+        loop {
+            let (mut sock, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and the like: the connection waits in the backlog.
+                    eprintln!("accept failed: {e}");
+                    return;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let Ok(tls) = ServerConnection::new(self.snapshot.tls.clone()) else {
+                continue;
+            };
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            let registered = self.poll.registry().register(
+                &mut sock,
+                Token(2 * key),
+                Interest::READABLE | Interest::WRITABLE,
+            );
+            if registered.is_err() {
+                continue;
+            }
+            let deadline = Instant::now() + self.limits.handshake_timeout;
+            entry.insert(Conn::new(sock, tls, peer, Token(2 * key + 1), deadline));
+        }
+    }
+
+    /// Rebuilds the snapshot when the store changed (or at once when `forced`). A store that
+    /// cannot be read keeps the last good snapshot serving.
+    fn reload(&mut self, forced: bool) {
+        let version = match self.store.data_version() {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("reload: cannot read the store: {e}");
+                return;
+            }
+        };
+        if version == self.data_version && !forced {
+            return;
+        }
+        let config = match self.store.load_config() {
+            Ok(config) => config,
+            Err(e) => {
+                // Busy or broken: try again on the next tick.
+                eprintln!("reload: keeping the current configuration: {e}");
+                return;
+            }
+        };
+        let generation = self.snapshot.generation + 1;
+        match Snapshot::build(
+            config,
+            generation,
+            &self.session,
+            self.options.require_client_cert,
+            &self.resolved,
+            Some(&self.snapshot),
+        ) {
+            Ok(snapshot) => {
+                let certs: usize = snapshot.apis.iter().map(|a| a.certs.len()).sum();
+                eprintln!(
+                    "configuration reloaded: generation {generation}, {} APIs, {certs} certificates",
+                    snapshot.apis.len()
+                );
+                self.snapshot = snapshot;
+                self.data_version = version;
+            }
+            Err(e) => {
+                eprintln!("reload: keeping the current configuration: {e}");
+                self.data_version = version;
+            }
+        }
+    }
+
+    /// Expires connections whose deadline has passed.
+    fn sweep(&mut self, now: Instant) {
+        self.pump_all(|conn| conn.deadline() <= now);
+    }
+
+    /// Expires (when draining: closes) the connections `pick` selects.
+    fn pump_all(&mut self, pick: impl Fn(&Conn) -> bool) {
+        let draining = self.drain_deadline.is_some();
+        let now = Instant::now();
+        let mut cx = Context {
+            registry: self.poll.registry(),
+            snapshot: &self.snapshot,
+            limits: &self.limits,
+            now,
+            unix_now: unix_now(),
+            draining,
+            request_ids: &mut self.request_ids,
+        };
+        let mut closed = Vec::new();
+        for (key, conn) in self.conns.iter_mut() {
+            if !pick(conn) {
+                continue;
+            }
+            if conn.deadline() <= now {
+                conn.expire(&mut cx);
+            } else {
+                conn.pump(&mut cx);
+            }
+            if conn.is_closed() {
+                closed.push(key);
+            }
+        }
+        for key in closed {
+            self.conns.remove(key);
+        }
+    }
+}
+
+/// Looks up every backend host name once, before the loop starts; addresses stored by the
+/// commands serve where a lookup fails.
+fn resolve_backends(config: &Config) -> HashMap<String, Vec<SocketAddr>> {
+    let mut resolved = HashMap::new();
+    for api in &config.apis {
+        let mut backend = api.backend.clone();
+        if backend
+            .host
+            .trim_matches(['[', ']'])
+            .parse::<IpAddr>()
+            .is_ok()
+            || resolved.contains_key(&backend.authority)
+        {
+            continue;
+        }
+        match backend.resolve() {
+            Ok(()) => {
+                resolved.insert(backend.authority.clone(), backend.addrs);
+            }
+            Err(e) => eprintln!(
+                "API {}: {e}; using the addresses stored at api add",
+                api.name
+            ),
+        }
+    }
+    resolved
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // A failing system RNG only makes request ids predictable, not wrong.
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    u64::from_le_bytes(bytes)
+}

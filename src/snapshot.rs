@@ -1,0 +1,98 @@
+//! The immutable, in-memory view of the store that the loop serves from. A new snapshot is built
+//! whenever the database changes; connections pick up the newest one on their next request.
+//! Building needs no X.509 parsing: the store keeps the parsed fields.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+
+use crate::model::{Api, CertEntry, CertKind, Config, Resource};
+use crate::route::Router;
+use crate::tls::{SessionState, TlsError};
+
+/// One API with everything a request to it needs.
+#[derive(Debug)]
+pub struct ApiView {
+    pub api: Api,
+    pub base_path: String,
+    pub resources: Vec<Resource>,
+    pub certs: Vec<CertEntry>,
+    /// SHA-256 of a pinned certificate to its index in `certs`.
+    pub pinned: HashMap<[u8; 32], usize>,
+}
+
+pub struct Snapshot {
+    /// Grows by one with every reload; verdicts cached under an older one are stale.
+    pub generation: u64,
+    pub tls: Arc<ServerConfig>,
+    /// The PEM the TLS configuration was built from, to rebuild it only when it changes.
+    server_pem: (String, String),
+    pub router: Router,
+    pub apis: Vec<ApiView>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot. `resolved` holds backend addresses looked up by `serve` at start,
+    /// which win over those the store kept; `previous` lends its TLS configuration when the
+    /// server certificate did not change.
+    pub fn build(
+        config: Config,
+        generation: u64,
+        session: &SessionState,
+        require_client_cert: bool,
+        resolved: &HashMap<String, Vec<SocketAddr>>,
+        previous: Option<&Snapshot>,
+    ) -> Result<Self, TlsError> {
+        let server_pem = (config.server_cert_pem, config.server_key_pem);
+        let tls = match previous {
+            Some(p) if p.server_pem == server_pem => p.tls.clone(),
+            _ => session.server_config(&server_pem.0, &server_pem.1, require_client_cert)?,
+        };
+        let mut apis: Vec<ApiView> = config
+            .apis
+            .into_iter()
+            .map(|mut api| {
+                if let Some(addrs) = resolved.get(&api.backend.authority) {
+                    api.backend.addrs.clone_from(addrs);
+                }
+                ApiView {
+                    base_path: api.base_path(),
+                    api,
+                    resources: Vec::new(),
+                    certs: Vec::new(),
+                    pinned: HashMap::new(),
+                }
+            })
+            .collect();
+        let index: HashMap<String, usize> = apis
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.api.name.clone(), i))
+            .collect();
+        for resource in config.resources {
+            if let Some(&i) = index.get(&resource.api) {
+                apis[i].resources.push(resource);
+            }
+        }
+        for cert in config.certs {
+            let Some(&i) = index.get(&cert.api) else {
+                continue;
+            };
+            let view = &mut apis[i];
+            if cert.kind == CertKind::Pinned {
+                view.pinned.insert(cert.sha256, view.certs.len());
+            }
+            view.certs.push(cert);
+        }
+        let router = Router::new(apis.iter().map(|v| v.base_path.as_str()));
+        Ok(Self {
+            generation,
+            tls,
+            server_pem,
+            router,
+            apis,
+        })
+    }
+}

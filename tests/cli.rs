@@ -1,0 +1,144 @@
+//! The `certgate` binary as users and scripts see it: exit codes, `error:` lines on stderr,
+//! JSON on stdout, and the database file it creates.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn certgate(db: &Path, args: &[&str]) -> Output {
+    certgate_with_stdin(db, args, b"")
+}
+
+fn certgate_with_stdin(db: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_certgate"))
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env_remove("CERTGATE_DB")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+/// The one `error:` line of a failed command.
+fn error(output: &Output) -> String {
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8(output.stderr.clone()).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+fn client_pem() -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec!["client.example".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "client");
+    let key = rcgen::KeyPair::generate().unwrap();
+    (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+}
+
+#[test]
+fn init_creates_a_private_database_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("certgate.db");
+    let missing = certgate(&db, &["api", "list"]);
+    assert!(error(&missing).contains("no database at"));
+    assert!(!db.exists());
+
+    stdout(&certgate(&db, &["init", "--hostname", "gw.example"]));
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(error(&certgate(&db, &["init"])).contains("already exists"));
+
+    let pem = stdout(&certgate(&db, &["server-cert", "show", "--pem"]));
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n"));
+    let shown = stdout(&certgate(&db, &["server-cert", "show", "--json"]));
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(
+        shown["sans"],
+        serde_json::json!(["localhost", "127.0.0.1", "::1", "gw.example"])
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("certgate.db");
+    let output = certgate(&db, &["api", "add", "pizza"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+}
+
+#[test]
+fn cert_add_from_stdin_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("certgate.db");
+    stdout(&certgate(&db, &["init"]));
+    stdout(&certgate(
+        &db,
+        &[
+            "api",
+            "add",
+            "pizza",
+            "--context",
+            "/pizzashack",
+            "--version",
+            "1.0.0",
+            "--backend",
+            "http://127.0.0.1:9000",
+        ],
+    ));
+    let (cert, key) = client_pem();
+    let add = [
+        "cert", "add", "--api", "pizza", "--alias", "c1", "--json", "-",
+    ];
+    let out = stdout(&certgate_with_stdin(&db, &add, cert.as_bytes()));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["alias"], "c1");
+    assert_eq!(json["status"], "valid");
+
+    let again = certgate_with_stdin(
+        &db,
+        &["cert", "add", "--api", "pizza", "--alias", "c2", "-"],
+        cert.as_bytes(),
+    );
+    assert!(error(&again).contains("already pinned on API \"pizza\" as \"c1\""));
+    let keyed = certgate_with_stdin(
+        &db,
+        &["cert", "add", "--api", "pizza", "--alias", "c2", "-"],
+        (cert + &key).as_bytes(),
+    );
+    assert!(error(&keyed).contains("stdin holds a private key; give only the certificate"));
+
+    let list = stdout(&certgate(&db, &["cert", "list", "--json"]));
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    let apis = stdout(&certgate(&db, &["api", "list", "--json"]));
+    let apis: serde_json::Value = serde_json::from_str(&apis).unwrap();
+    assert_eq!(apis[0]["base_path"], "/pizzashack/1.0.0");
+    assert_eq!(apis[0]["certificates"], 1);
+
+    let backup = dir.path().join("backup.db");
+    stdout(&certgate(&db, &["backup", backup.to_str().unwrap()]));
+    let mode = std::fs::metadata(&backup).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let copied = stdout(&certgate(&backup, &["cert", "list", "--json"]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&copied).unwrap(),
+        list
+    );
+}
