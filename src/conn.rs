@@ -87,8 +87,10 @@ enum Phase {
     Handshaking,
     ReadingHead,
     Proxying(Box<Exchange>),
-    /// Flushing the last answer and close_notify.
+    /// Flushing the last answer; close_notify follows it.
     Closing,
+    /// close_notify queued after the answer; flushing the records.
+    Notified,
     /// Write side shut; discarding what the client still sends.
     Lingering,
     Closed,
@@ -101,8 +103,15 @@ struct Exchange {
     addrs: Vec<SocketAddr>,
     /// Index in `addrs` of the address being tried.
     addr: usize,
-    /// Bytes for the backend: the request head, then the body as it arrives.
+    /// Bytes for the backend: the request head, then the body as it arrives; `sent` of them
+    /// have been written.
     to_backend: Vec<u8>,
+    sent: usize,
+    /// A bodiless idempotent request on a reused backend connection: if that connection turns
+    /// out dead before any response byte, the request goes again on a fresh one.
+    retryable: bool,
+    /// The backend's answer allows another request on its connection.
+    backend_keep_alive: bool,
     from_backend: Vec<u8>,
     backend_eof: bool,
     request: Body,
@@ -125,8 +134,14 @@ pub struct Conn {
     peer: SocketAddr,
     backend_token: Token,
     client_cert: Option<ClientCert>,
+    /// `Client-Cert` and `Client-Cert-Chain` values (RFC 9440) for the backend.
+    cert_headers: Option<(String, Option<String>)>,
     /// Plaintext from the client not yet consumed.
     input: Vec<u8>,
+    /// A backend connection kept open after a keep-alive exchange, with its address.
+    idle_backend: Option<(TcpStream, SocketAddr)>,
+    /// The backend buffers, kept between exchanges so that requests reuse them.
+    spare_buffers: (Vec<u8>, Vec<u8>),
     /// Plaintext for the client not yet taken by rustls.
     output: Vec<u8>,
     client_eof: bool,
@@ -150,7 +165,10 @@ impl Conn {
             peer,
             backend_token,
             client_cert: None,
+            cert_headers: None,
             input: Vec::new(),
+            idle_backend: None,
+            spare_buffers: (Vec::new(), Vec::new()),
             output: Vec::new(),
             client_eof: false,
             head: RequestHead::default(),
@@ -240,7 +258,8 @@ impl Conn {
         if matches!(self.phase, Phase::Lingering) {
             return self.discard();
         }
-        if matches!(self.phase, Phase::Closed | Phase::Closing) || self.client_eof {
+        if matches!(self.phase, Phase::Closed | Phase::Closing | Phase::Notified) || self.client_eof
+        {
             return false;
         }
         let mut progress = false;
@@ -334,11 +353,12 @@ impl Conn {
                     }
                     return false;
                 }
-                self.client_cert = self
-                    .tls
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(client_cert);
+                if let Some((leaf, chain)) =
+                    self.tls.peer_certificates().and_then(|c| c.split_first())
+                {
+                    self.client_cert = Some(client_cert(leaf));
+                    self.cert_headers = Some(rfc9440(leaf, chain));
+                }
                 self.phase = Phase::ReadingHead;
                 self.deadline = cx.now + cx.limits.idle_timeout;
                 true
@@ -346,7 +366,15 @@ impl Conn {
             Phase::ReadingHead => self.start_request(cx),
             Phase::Proxying(_) => self.proxy(cx),
             Phase::Closing => {
-                if !self.output.is_empty() || self.tls.wants_write() {
+                if !self.output.is_empty() {
+                    return false;
+                }
+                self.tls.send_close_notify();
+                self.phase = Phase::Notified;
+                true
+            }
+            Phase::Notified => {
+                if self.tls.wants_write() {
                     return false;
                 }
                 let _ = self.sock.shutdown(Shutdown::Write);
@@ -422,7 +450,7 @@ impl Conn {
         }
         let request_id = cx.request_ids.next();
         match self.route(cx) {
-            Ok(api) => self.forward(api, request_id, cx),
+            Ok((api, cert_passed)) => self.forward(api, cert_passed, request_id, cx),
             Err(problem) => {
                 let has_body = self.head.framing != Some(Framing::None);
                 let close = has_body || !self.head.keep_alive || cx.draining;
@@ -447,8 +475,9 @@ impl Conn {
         true
     }
 
-    /// Routes and judges the parsed head; the index of the API on success.
-    fn route(&self, cx: &Context<'_>) -> Result<usize, Problem> {
+    /// Routes and judges the parsed head: the API's index, and whether the client certificate
+    /// passed (a public resource lets anyone through).
+    fn route(&self, cx: &Context<'_>) -> Result<(usize, bool), Problem> {
         let snapshot = cx.snapshot;
         // httparse only accepts visible ASCII in the target.
         let path = std::str::from_utf8(&self.input[self.head.path.clone()]).unwrap_or("/");
@@ -474,53 +503,72 @@ impl Conn {
             }
         };
         match policy::decide(self.client_cert.as_ref(), view, resource, cx.unix_now) {
-            Decision::Allow { .. } => Ok(index),
+            Decision::Allow { entry } => Ok((index, entry.is_some())),
             Decision::Refuse(refusal) => Err(refusal.to_problem()),
         }
     }
 
     /// Starts forwarding the parsed request to the API's backend.
-    fn forward(&mut self, api: usize, request_id: String, cx: &mut Context<'_>) {
+    fn forward(&mut self, api: usize, cert_passed: bool, request_id: String, cx: &mut Context<'_>) {
         let view = &cx.snapshot.apis[api];
         let backend = &view.api.backend;
         let path = std::str::from_utf8(&self.input[self.head.path.clone()]).unwrap_or("/");
         let rest = &path[view.base_path.len().min(path.len())..];
-        let mut to_backend = Vec::with_capacity(self.head.len + 256);
+        let (mut to_backend, mut from_backend) = mem::take(&mut self.spare_buffers);
+        from_backend.clear();
+        let cert_headers = self.cert_headers.as_ref().filter(|_| cert_passed);
         let forwarding = Forwarding {
             backend_path: &backend.path,
             rest: rest.as_bytes(),
             backend_authority: &backend.authority,
             client_ip: self.peer.ip(),
             request_id: &request_id,
-            client_cert: None,
-            client_cert_chain: None,
+            client_cert: cert_headers.map(|h| h.0.as_str()),
+            client_cert_chain: cert_headers.and_then(|h| h.1.as_deref()),
         };
         http::write_upstream_head(&self.input, &self.head, &forwarding, &mut to_backend);
         let framing = self.head.framing.unwrap_or(Framing::None);
         let request_was_head = &self.input[self.head.method.clone()] == b"HEAD";
         let close = !self.head.keep_alive || cx.draining;
         let expect_continue = self.head.expect_continue && framing != Framing::None;
-        self.input.drain(..self.head.len);
         let addrs = backend.addrs.clone();
-        let mut failure = None;
-        let mut connected = None;
-        for (i, addr) in addrs.iter().enumerate() {
-            match connect(*addr, cx.registry, self.backend_token) {
-                Ok(sock) => {
-                    connected = Some((sock, i));
-                    break;
+        let method = &self.input[self.head.method.clone()];
+        let idempotent = [
+            &b"GET"[..],
+            b"HEAD",
+            b"OPTIONS",
+            b"TRACE",
+            b"PUT",
+            b"DELETE",
+        ]
+        .contains(&method);
+        let reused = self.idle_backend.take().and_then(|(mut sock, addr)| {
+            match addrs.iter().position(|a| *a == addr) {
+                Some(i) if still_open(&sock) => Some((sock, i)),
+                _ => {
+                    let _ = cx.registry.deregister(&mut sock);
+                    None
                 }
-                Err(e) => failure = Some(format!("cannot connect to the backend at {addr}: {e}")),
             }
-        }
-        let Some((backend, addr)) = connected else {
-            let detail = failure.unwrap_or_else(|| "the backend has no address".into());
-            let close = close || framing != Framing::None;
-            Problem::backend_unavailable(detail).write(&request_id, close, &mut self.output);
-            if close {
-                self.close(cx.now);
+        });
+        let retryable = reused.is_some() && idempotent && framing == Framing::None;
+        let connected = reused.is_some();
+        let fresh = match reused {
+            Some(reused) => Ok(reused),
+            None => connect_any(&addrs, 0, cx.registry, self.backend_token),
+        };
+        self.input.drain(..self.head.len);
+        let (backend, addr) = match fresh {
+            Ok(fresh) => fresh,
+            Err(detail) => {
+                self.spare_buffers = (to_backend, from_backend);
+                let close = close || framing != Framing::None;
+                Problem::backend_unavailable(detail).write(&request_id, close, &mut self.output);
+                if close {
+                    self.close(cx.now);
+                }
+                return;
             }
-            return;
         };
         if expect_continue {
             self.output
@@ -529,11 +577,14 @@ impl Conn {
         self.deadline = cx.now + cx.limits.backend_timeout;
         self.phase = Phase::Proxying(Box::new(Exchange {
             backend,
-            connected: false,
+            connected,
             addrs,
             addr,
             to_backend,
-            from_backend: Vec::new(),
+            sent: 0,
+            retryable,
+            backend_keep_alive: false,
+            from_backend,
             backend_eof: false,
             request: Body::new(framing),
             response: Response::Head,
@@ -559,19 +610,13 @@ impl Conn {
                 Err(e) => {
                     let _ = cx.registry.deregister(&mut ex.backend);
                     let failed = ex.addrs[ex.addr];
-                    let next = (ex.addr + 1..ex.addrs.len()).find_map(|i| {
-                        Some((
-                            connect(ex.addrs[i], cx.registry, self.backend_token).ok()?,
-                            i,
-                        ))
-                    });
-                    match next {
-                        Some((sock, i)) => {
+                    match connect_any(&ex.addrs, ex.addr + 1, cx.registry, self.backend_token) {
+                        Ok((sock, i)) => {
                             ex.backend = sock;
                             ex.addr = i;
                             return true;
                         }
-                        None => {
+                        Err(_) => {
                             let detail = format!("cannot connect to the backend at {failed}: {e}");
                             return self.fail_exchange(Problem::backend_unavailable(detail), cx);
                         }
@@ -606,14 +651,14 @@ impl Conn {
                 Err(e) => {
                     let detail =
                         format!("the backend connection failed while sending the request: {e}");
-                    return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                    return self.backend_failed(detail, cx);
                 }
             }
             match read_backend(ex) {
                 Ok(moved) => progress |= moved,
                 Err(e) => {
                     let detail = format!("the backend connection failed: {e}");
-                    return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                    return self.backend_failed(detail, cx);
                 }
             }
         }
@@ -643,7 +688,7 @@ impl Conn {
                     Ok(true) => {}
                     Ok(false) if ex.backend_eof => {
                         let detail = "the backend closed the connection without answering".into();
-                        return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                        return self.backend_failed(detail, cx);
                     }
                     Ok(false) if ex.from_backend.len() >= MAX_RESPONSE_HEAD => {
                         let detail = "the backend's response head is too large".into();
@@ -671,6 +716,7 @@ impl Conn {
                 }
                 let framing = head.framing.unwrap_or(Framing::None);
                 ex.close |= framing == Framing::UntilClose || cx.draining || !ex.request.is_done();
+                ex.backend_keep_alive = head.keep_alive && framing != Framing::UntilClose;
                 http::write_client_head(&ex.from_backend, head, ex.close, &mut self.output);
                 ex.from_backend.drain(..head.len);
                 ex.response = Response::Body(Body::new(framing));
@@ -714,23 +760,48 @@ impl Conn {
         }
     }
 
-    /// Ends the exchange once the answer is relayed.
+    /// Ends the exchange once the answer is relayed, keeping the backend connection for the next
+    /// request when both sides allow it.
     fn finish_exchange(&mut self, cx: &mut Context<'_>) -> bool {
-        let Phase::Proxying(ex) = &mut self.phase else {
-            return false;
-        };
-        if !matches!(ex.response, Response::Done) {
+        if !matches!(&self.phase, Phase::Proxying(ex) if matches!(ex.response, Response::Done)) {
             return false;
         }
+        let Phase::Proxying(mut ex) = mem::replace(&mut self.phase, Phase::ReadingHead) else {
+            return false;
+        };
         let close = ex.close || !ex.request.is_done();
-        let _ = cx.registry.deregister(&mut ex.backend);
+        if !close && ex.backend_keep_alive && !ex.backend_eof && ex.from_backend.is_empty() {
+            self.idle_backend = Some((ex.backend, ex.addrs[ex.addr]));
+        } else {
+            let _ = cx.registry.deregister(&mut ex.backend);
+        }
+        self.spare_buffers = (ex.to_backend, ex.from_backend);
         if close {
             self.close(cx.now);
         } else {
-            self.phase = Phase::ReadingHead;
             self.deadline = cx.now + cx.limits.idle_timeout;
         }
         true
+    }
+
+    /// The backend connection failed. A retryable request goes again on a fresh connection;
+    /// anything else gets 502.
+    fn backend_failed(&mut self, detail: String, cx: &mut Context<'_>) -> bool {
+        if let Phase::Proxying(ex) = &mut self.phase {
+            if ex.retryable && ex.from_backend.is_empty() && matches!(ex.response, Response::Head) {
+                let _ = cx.registry.deregister(&mut ex.backend);
+                if let Ok((sock, i)) = connect_any(&ex.addrs, 0, cx.registry, self.backend_token) {
+                    ex.backend = sock;
+                    ex.addr = i;
+                    ex.connected = false;
+                    ex.retryable = false;
+                    ex.sent = 0;
+                    ex.backend_eof = false;
+                    return true;
+                }
+            }
+        }
+        self.fail_exchange(Problem::backend_unavailable(detail), cx)
     }
 
     /// The exchange failed: answer with `problem` if no part of the answer went out yet,
@@ -740,6 +811,10 @@ impl Conn {
             return true;
         };
         let _ = cx.registry.deregister(&mut ex.backend);
+        self.spare_buffers = (
+            mem::take(&mut ex.to_backend),
+            mem::take(&mut ex.from_backend),
+        );
         if !matches!(ex.response, Response::Head) {
             return true;
         }
@@ -756,7 +831,6 @@ impl Conn {
 
     /// Starts closing: what is in `output` still goes out, then close_notify.
     fn close(&mut self, now: Instant) {
-        self.tls.send_close_notify();
         self.phase = Phase::Closing;
         self.deadline = now + LINGER;
     }
@@ -784,7 +858,27 @@ impl Conn {
     /// Deregisters what is still registered; the loop drops the connection after this batch.
     fn release(&mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.sock);
+        if let Some((mut backend, _)) = self.idle_backend.take() {
+            let _ = registry.deregister(&mut backend);
+        }
     }
+}
+
+/// RFC 9440 values: the certificate, and the chain the client sent, as `:base64:` items.
+fn rfc9440(
+    leaf: &rustls::pki_types::CertificateDer<'_>,
+    chain: &[rustls::pki_types::CertificateDer<'_>],
+) -> (String, Option<String>) {
+    use base64::Engine as _;
+    let item = |der: &[u8]| {
+        format!(
+            ":{}:",
+            base64::engine::general_purpose::STANDARD.encode(der)
+        )
+    };
+    let chain =
+        (!chain.is_empty()).then(|| chain.iter().map(|c| item(c)).collect::<Vec<_>>().join(", "));
+    (item(leaf), chain)
 }
 
 /// The client certificate's fingerprint and subject, once per connection.
@@ -798,8 +892,32 @@ fn client_cert(der: &rustls::pki_types::CertificateDer<'_>) -> ClientCert {
     ClientCert { sha256, subject }
 }
 
+/// Connects to the first address from `first` on that accepts at once (or starts to); the error
+/// detail names the last one tried.
+fn connect_any(
+    addrs: &[SocketAddr],
+    first: usize,
+    registry: &Registry,
+    token: Token,
+) -> Result<(TcpStream, usize), String> {
+    let mut failure = "the backend has no address".to_owned();
+    for (i, addr) in addrs.iter().enumerate().skip(first) {
+        match connect(*addr, registry, token) {
+            Ok(sock) => return Ok((sock, i)),
+            Err(e) => failure = format!("cannot connect to the backend at {addr}: {e}"),
+        }
+    }
+    Err(failure)
+}
+
+/// Whether an idle backend connection is still open: nothing to read and no EOF.
+fn still_open(sock: &TcpStream) -> bool {
+    matches!(sock.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 fn connect(addr: SocketAddr, registry: &Registry, token: Token) -> io::Result<TcpStream> {
     let mut sock = TcpStream::connect(addr)?;
+    sock.set_nodelay(true)?;
     registry.register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)?;
     Ok(sock)
 }
@@ -817,25 +935,29 @@ fn connect_result(sock: &TcpStream) -> io::Result<bool> {
 }
 
 fn write_backend(ex: &mut Exchange) -> io::Result<bool> {
-    let mut written = 0;
-    while written < ex.to_backend.len() {
-        match ex.backend.write(&ex.to_backend[written..]) {
+    let start = ex.sent;
+    while ex.sent < ex.to_backend.len() {
+        match ex.backend.write(&ex.to_backend[ex.sent..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
+            Ok(n) => ex.sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    ex.to_backend.drain(..written);
-    Ok(written > 0)
+    // A retryable request keeps its head until the answer starts; others free the room.
+    if ex.sent == ex.to_backend.len() && !ex.retryable {
+        ex.to_backend.clear();
+        ex.sent = 0;
+    }
+    Ok(ex.sent != start)
 }
 
 fn read_backend(ex: &mut Exchange) -> io::Result<bool> {
     let mut progress = false;
     while !ex.backend_eof && ex.from_backend.len() < BUFFER {
         let start = ex.from_backend.len();
-        ex.from_backend.resize(BUFFER, 0);
+        ex.from_backend.resize(BUFFER.min(start + 16 * 1024), 0);
         let read = ex.backend.read(&mut ex.from_backend[start..]);
         match read {
             Ok(0) => {
