@@ -17,7 +17,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -263,6 +263,7 @@ impl Db {
         let mut gateway = Gateway {
             db: self,
             child: Some(child),
+            exit: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
             roots: Arc::new(roots),
@@ -315,6 +316,8 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 pub struct Gateway {
     db: Db,
     child: Option<Child>,
+    /// Set by [`Gateway::wait_exit`] once the process has ended (and `child` is gone).
+    exit: Option<ExitStatus>,
     addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
     roots: Arc<RootCertStore>,
@@ -363,8 +366,80 @@ impl Gateway {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// How many stderr lines so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// Waits (see [`eventually`]) until more than `count` stderr lines contain `needle`.
+    pub fn wait_for_log(&self, needle: &str, count: usize) {
+        eventually(
+            &format!("the gateway logs a new line with {needle:?}"),
+            || (self.log_count(needle) > count).then_some(()),
+        );
+    }
+
+    /// The gateway's process id (only while it runs: its exit has not been collected).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("the gateway's exit was already collected")
+            .id()
+    }
+
+    /// Sends `signal` (`"TERM"`, `"INT"`, `"HUP"`, ...) to the gateway with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("running kill -{signal}: {e}"));
+        assert!(
+            status.success(),
+            "kill -{signal} {} failed: {status}",
+            self.pid()
+        );
+    }
+
+    /// Waits up to `limit` for the gateway to exit and returns its status; panics, with its
+    /// stderr, if it is still running then. The process is left running for [`Drop`] to stop.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut().expect("gateway child");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                // Reaped: the pid may be reused now, so the child must never be signalled again.
+                self.child = None;
+                self.exit = Some(status);
+                thread::sleep(Duration::from_millis(100)); // let the drain thread catch up
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the gateway did not exit within {limit:?}; stderr:\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Panics if the gateway process has exited.
     pub fn assert_running(&mut self) {
+        if let Some(status) = self.exit {
+            panic!(
+                "the gateway exited ({status}); stderr:\n{}",
+                self.log_text()
+            );
+        }
         let child = self.child.as_mut().expect("gateway child");
         if let Some(status) = child.try_wait().expect("try_wait") {
             thread::sleep(Duration::from_millis(100));
@@ -388,51 +463,54 @@ impl Gateway {
 
     /// The rustls client configuration: trusts only this gateway's certificate.
     pub fn client_config(&self, cert: Option<&str>) -> Arc<ClientConfig> {
-        let builder =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .with_root_certificates(Arc::clone(&self.roots));
-        let config = match cert {
-            None => builder.with_no_client_auth(),
-            Some(name) => {
-                let chain: Vec<CertificateDer<'static>> =
-                    CertificateDer::pem_file_iter(fixture(&format!("{name}.pem")))
-                        .expect("open fixture certificate")
-                        .collect::<Result<_, _>>()
-                        .expect("parse fixture certificate");
-                let key = PrivateKeyDer::from_pem_file(fixture(&format!("{name}.key")))
-                    .expect("parse fixture key");
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .expect("fixture key matches its certificate")
-            }
-        };
-        Arc::new(config)
+        client_config_with_roots(Arc::clone(&self.roots), cert)
     }
+}
+
+/// Trust anchors holding exactly the certificates in `pem` (e.g. a new server certificate).
+pub fn roots_from_pem(pem: &str) -> Arc<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots
+            .add(cert.expect("valid PEM certificate"))
+            .expect("the certificate is usable as a trust anchor");
+    }
+    assert!(!roots.is_empty(), "no certificate in PEM:\n{pem}");
+    Arc::new(roots)
+}
+
+/// A rustls client configuration trusting only `roots`, presenting fixture `cert` or nothing.
+pub fn client_config_with_roots(
+    roots: Arc<RootCertStore>,
+    cert: Option<&str>,
+) -> Arc<ClientConfig> {
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(roots);
+    let config = match cert {
+        None => builder.with_no_client_auth(),
+        Some(name) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_file_iter(fixture(&format!("{name}.pem")))
+                    .expect("open fixture certificate")
+                    .collect::<Result<_, _>>()
+                    .expect("parse fixture certificate");
+            let key = PrivateKeyDer::from_pem_file(fixture(&format!("{name}.key")))
+                .expect("parse fixture key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("fixture key matches its certificate")
+        }
+    };
+    Arc::new(config)
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut exited = false;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                exited = true;
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        if !exited {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child);
         }
         if thread::panicking() {
             thread::sleep(Duration::from_millis(50)); // let the drain thread catch up
@@ -442,6 +520,27 @@ impl Drop for Gateway {
             );
         }
     }
+}
+
+/// SIGTERM, then SIGKILL after 5 s. Never signals a child whose exit was already collected
+/// (its pid may belong to another process by then).
+fn stop_child(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -985,6 +1084,7 @@ impl<S: Read + Write> HttpStream<S> {
 /// - `.../big?bytes=N`: N bytes of [`pattern`] with Content-Length.
 /// - `.../chunked?bytes=N`: N bytes of [`pattern`] in chunks of varied sizes (default 100000).
 /// - `.../status/N`: status N with an echo body (no body for 1xx, 204, 304).
+/// - `.../slow?ms=N`: an echo, sent N ms after the request arrived (an exchange in flight).
 /// - `.../hop`: an echo whose response carries hop-by-hop headers (`Connection: x-hop`,
 ///   `X-Hop`, `Keep-Alive`, `Proxy-Connection`, `Upgrade`) plus `X-End-To-End: kept`.
 ///
@@ -1131,6 +1231,15 @@ fn backend_answer(head: &RequestHead, body: &[u8], connection: usize) -> Vec<u8>
         }
         out.extend_from_slice(b"0\r\n\r\n");
         return out;
+    }
+
+    if path.ends_with("/slow") {
+        let ms = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("ms="))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(1000);
+        thread::sleep(Duration::from_millis(ms));
     }
 
     let echo = json!({
