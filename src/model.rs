@@ -27,7 +27,7 @@ pub enum ParseError {
     #[error("method {0:?} must be an HTTP method such as GET or POST")]
     Method(String),
     #[error(
-        "path template {0:?} must start with /, use {{name}} for whole segments and * only last"
+        "path template {0:?} must start with /, use {{name}} for whole segments and * only last, and have at most 63 segments"
     )]
     Template(String),
     #[error("{0:?} is not one of second, minute, hour, day")]
@@ -248,6 +248,9 @@ pub fn parse_method(s: &str) -> Result<String, ParseError> {
     Ok(s.to_ascii_uppercase())
 }
 
+/// The most segments a resource's path template may have.
+pub const MAX_TEMPLATE_SEGMENTS: usize = 63;
+
 /// One segment of a resource's path template.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Segment {
@@ -274,6 +277,9 @@ impl FromStr for Template {
         let mut segments = Vec::new();
         if !rest.is_empty() {
             let parts: Vec<&str> = rest.split('/').collect();
+            if parts.len() > MAX_TEMPLATE_SEGMENTS {
+                return Err(bad());
+            }
             for (i, part) in parts.iter().enumerate() {
                 let segment = if *part == "*" && i == parts.len() - 1 {
                     Segment::Rest

@@ -98,33 +98,33 @@ pub fn match_resource(resources: &[Resource], method: &str, rest: &str) -> Resou
 }
 
 /// How specifically `template` matches `path` (without its leading `/`), or `None` when it does
-/// not. Ranks compare lexicographically: literal 4, `{name}` 3, the template's exact end 2, `*` 1.
-fn specificity(template: &Template, path: &str) -> Option<Vec<u8>> {
+/// not. Each segment has a rank, two bits from the top down, so that ranks compare as numbers the
+/// way their sequences compare lexicographically: literal 3, `{name}` 2, the template's exact end
+/// 1, `*` 0. Templates have at most [`crate::model::MAX_TEMPLATE_SEGMENTS`] segments.
+fn specificity(template: &Template, path: &str) -> Option<u128> {
     let mut parts = path.split('/').filter(|s| !s.is_empty());
-    let mut rank = Vec::with_capacity(template.segments.len() + 1);
+    let mut rank = 0u128;
+    let mut shift: u32 = 126;
     for segment in &template.segments {
         match segment {
-            Segment::Rest => {
-                rank.push(1);
-                return Some(rank);
-            }
+            Segment::Rest => return Some(rank),
             Segment::Literal(literal) => {
                 if parts.next()? != literal {
                     return None;
                 }
-                rank.push(4);
+                rank |= 3 << shift;
             }
             Segment::Param => {
                 parts.next()?;
-                rank.push(3);
+                rank |= 2 << shift;
             }
         }
+        shift = shift.checked_sub(2)?;
     }
     if parts.next().is_some() {
         return None;
     }
-    rank.push(2);
-    Some(rank)
+    Some(rank | 1 << shift)
 }
 
 #[cfg(test)]
