@@ -188,7 +188,11 @@ impl Conn {
 
     /// True while no request is in progress: the connection can go at once when draining.
     pub fn is_idle(&self) -> bool {
-        matches!(self.phase, Phase::ReadingHead) && self.input.is_empty()
+        match self.phase {
+            Phase::Handshaking => true,
+            Phase::ReadingHead => self.input.is_empty(),
+            _ => false,
+        }
     }
 
     pub fn deadline(&self) -> Instant {
@@ -347,7 +351,8 @@ impl Conn {
         match &self.phase {
             Phase::Handshaking => {
                 if self.tls.is_handshaking() {
-                    if self.client_eof {
+                    // A drain takes no new callers: a handshake not yet done is dropped.
+                    if self.client_eof || cx.draining {
                         self.phase = Phase::Closed;
                         return true;
                     }

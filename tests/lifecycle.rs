@@ -50,12 +50,13 @@ fn closes(response: &Response) -> bool {
 
 /// Polls until a plain TCP connect to the gateway's port is refused.
 fn wait_until_connect_refused(gw: &Gateway) {
-    eventually("new connections to the gateway are refused", || {
-        match TcpStream::connect_timeout(&gw.addr(), Duration::from_secs(2)) {
+    eventually(
+        "new connections to the gateway are refused",
+        || match TcpStream::connect_timeout(&gw.addr(), Duration::from_secs(2)) {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Some(()),
             _ => None,
-        }
-    });
+        },
+    );
 }
 
 /// Asserts a CLI outcome: failed, with exactly one stderr line, starting `error:` (SPEC 2).
@@ -159,6 +160,38 @@ fn sigint_on_an_idle_gateway_closes_idle_connections_and_exits_0() {
 }
 
 #[test]
+fn a_connection_still_before_its_handshake_does_not_hold_the_drain() {
+    let backend = Backend::start();
+    let mut gw = pizzashack_with(&backend, &["--drain-timeout", DRAIN_TIMEOUT]);
+    // A TCP connection that never starts TLS. Left alone it would be closed by the handshake
+    // timeout (10 s); a drain closes it at once, well within the 5 s this client waits.
+    let mut silent = std::net::TcpStream::connect(gw.addr()).unwrap();
+    silent
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut idle = gw.client(Some("client-a"));
+    idle.get(MENU).echo();
+
+    gw.signal("TERM");
+    let mut byte = [0u8; 1];
+    let read = std::io::Read::read(&mut silent, &mut byte);
+    let closed = match &read {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    assert!(
+        closed,
+        "the silent connection must be closed at SIGTERM, got {read:?}"
+    );
+    let status = gw.wait_exit(EXIT_LIMIT);
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", gw.log_text());
+}
+
+#[test]
 fn sighup_reloads_the_store_now() {
     let backend = Backend::start();
     let mut gw = pizzashack(&backend);
@@ -212,13 +245,23 @@ fn require_client_cert_refuses_a_handshake_without_a_certificate() {
             response.headers,
             response.text()
         ),
-        Err(e) => assert!(
-            !matches!(
+        Err(e) => {
+            let alert = matches!(
+                e.get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+                Some(rustls::Error::AlertReceived(_))
+            );
+            let closed = matches!(
                 e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ),
-            "the handshake without a certificate must be refused, not left hanging: {e}"
-        ),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+            );
+            assert!(
+                alert || closed,
+                "the handshake without a certificate must end with a TLS alert or a closed \
+                 connection, got: {e} ({:?})",
+                e.kind()
+            );
+        }
     }
     assert_eq!(backend.requests(), 0);
 
@@ -295,9 +338,14 @@ fn server_cert_set_applies_to_new_connections_and_keeps_open_ones() {
     );
 
     let trusts_new = client_config_with_roots(roots_from_pem(&new_pem), Some("client-a"));
-    let mut fresh = eventually("a client trusting only the new certificate connects", || {
-        Client::connect(gw.addr(), trusts_new.clone()).ok()
-    });
+    let mut fresh = eventually(
+        "a client trusting only the new certificate connects",
+        || {
+            Client::connect(gw.addr(), trusts_new.clone())
+                .inspect_err(|e| eprintln!("handshake trusting only the new certificate: {e}"))
+                .ok()
+        },
+    );
     let presented = fresh
         .tls()
         .peer_certificates()
@@ -327,7 +375,7 @@ fn a_keep_alive_connection_survives_an_unrelated_change_and_sees_it() {
     let backend = Backend::start();
     let mut gw = pizzashack(&backend);
     let mut client = gw.client(Some("client-a"));
-    let first = client.get(MENU).echo();
+    client.get(MENU).echo();
     client.get("/other/x").assert_problem(404, "not-found");
 
     let before = gw.log_count(RELOADED);
@@ -345,11 +393,7 @@ fn a_keep_alive_connection_survives_an_unrelated_change_and_sees_it() {
     client
         .get("/other/x")
         .assert_problem(401, "certificate-not-allowed");
-    let last = client.get(MENU).echo();
-    assert_eq!(last.path, "/menu");
-    // One gateway connection and one gateway-side backend connection throughout is not
-    // promised (the backend side may be re-opened), but the client side must be the same.
-    let _ = (first, last);
+    assert_eq!(client.get(MENU).echo().path, "/menu");
     gw.assert_running();
 }
 
@@ -367,7 +411,13 @@ fn refused_commands_leave_the_gateway_serving() {
     let db = gw.db();
     assert_refused(
         &db.try_cli(&[
-            "cert", "add", "--api", "pizzashack", "--alias", "a-key", key,
+            "cert",
+            "add",
+            "--api",
+            "pizzashack",
+            "--alias",
+            "a-key",
+            key,
         ]),
         "cert add of a private key",
     );
