@@ -66,6 +66,8 @@ pub struct CertInfo {
     pub sha256: [u8; 32],
     /// Subject alternative names: DNS names and IP addresses.
     pub sans: Vec<String>,
+    /// Basic constraints say CA:TRUE (what `openssl req -x509` makes by default).
+    pub is_ca: bool,
 }
 
 /// Where a certificate stands against the clock.
@@ -155,6 +157,7 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
         not_after: cert.validity().not_after.timestamp(),
         sha256: sha256(der),
         sans,
+        is_ca: matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca),
     })
 }
 

@@ -673,6 +673,13 @@ fn server_cert_set(
         out,
         "a running gateway uses it for new connections after its next reload"
     )?;
+    if info.is_ca {
+        eprintln!(
+            "warning: this certificate says CA:TRUE; webpki-based clients such as rustls \
+             refuse a CA certificate as a server certificate: make it with \
+             -addext basicConstraints=critical,CA:FALSE"
+        );
+    }
     Ok(())
 }
 
