@@ -28,6 +28,10 @@ use crate::snapshot::Snapshot;
 const BUFFER: usize = 64 * 1024;
 /// The largest backend response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Rounds of [`Conn::pump`] before it yields to other connections.
+const ROUNDS: usize = 32;
+/// Interim (1xx) answers a backend may send before its final one.
+const MAX_INTERIM: u8 = 16;
 /// How long a closing connection may take to flush and to let the client finish sending.
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -112,6 +116,8 @@ struct Exchange {
     retryable: bool,
     /// The backend's answer allows another request on its connection.
     backend_keep_alive: bool,
+    /// Interim (1xx) answers relayed so far.
+    interim: u8,
     from_backend: Vec<u8>,
     backend_eof: bool,
     request: Body,
@@ -199,27 +205,27 @@ impl Conn {
         self.deadline
     }
 
-    /// Moves bytes until nothing more can move.
-    pub fn pump(&mut self, cx: &mut Context<'_>) {
-        // Each round moves bytes or changes phase; buffers are bounded, so rounds are too.
-        loop {
+    /// Moves bytes until nothing more can move, or until the round budget is spent: then it
+    /// returns true and the loop must call it again soon, as no new readiness event will come
+    /// for bytes already waiting.
+    pub fn pump(&mut self, cx: &mut Context<'_>) -> bool {
+        for _ in 0..ROUNDS {
             let mut progress = self.read_client();
             progress |= self.advance(cx);
             progress |= self.flush_client();
             if matches!(self.phase, Phase::Closed) {
-                break;
+                self.release(cx.registry);
+                return false;
             }
             if !progress {
-                break;
+                return false;
             }
         }
-        if matches!(self.phase, Phase::Closed) {
-            self.release(cx.registry);
-        }
+        true
     }
 
-    /// Called when the deadline has passed.
-    pub fn expire(&mut self, cx: &mut Context<'_>) {
+    /// Called when the deadline has passed; returns what [`Conn::pump`] returns.
+    pub fn expire(&mut self, cx: &mut Context<'_>) -> bool {
         match mem::replace(&mut self.phase, Phase::Closed) {
             Phase::ReadingHead if !self.input.is_empty() => {
                 let problem = Problem::new(
@@ -254,7 +260,7 @@ impl Conn {
             }
             _ => {}
         }
-        self.pump(cx);
+        self.pump(cx)
     }
 
     /// Reads TLS records and decrypts them into `input` while it has room.
@@ -589,6 +595,7 @@ impl Conn {
             sent: 0,
             retryable,
             backend_keep_alive: false,
+            interim: 0,
             from_backend,
             backend_eof: false,
             request: Body::new(framing),
@@ -681,7 +688,7 @@ impl Conn {
         };
         match &mut ex.response {
             Response::Head => {
-                if ex.from_backend.is_empty() && !ex.backend_eof {
+                if (ex.from_backend.is_empty() && !ex.backend_eof) || self.output.len() >= BUFFER {
                     return false;
                 }
                 let parsed = http::parse_response(
@@ -712,6 +719,11 @@ impl Conn {
                     return self.fail_exchange(Problem::backend_unavailable(detail), cx);
                 }
                 if (100..200).contains(&head.status) {
+                    ex.interim += 1;
+                    if ex.interim > MAX_INTERIM {
+                        let detail = "the backend sent too many interim (1xx) answers".into();
+                        return self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                    }
                     // Interim answers pass on to HTTP/1.1 clients; the final one follows.
                     if self.head.minor_version == 1 {
                         http::write_client_head(&ex.from_backend, head, false, &mut self.output);
@@ -775,7 +787,11 @@ impl Conn {
             return false;
         };
         let close = ex.close || !ex.request.is_done();
-        if !close && ex.backend_keep_alive && !ex.backend_eof && ex.from_backend.is_empty() {
+        let reusable = ex.backend_keep_alive
+            && !ex.backend_eof
+            && ex.from_backend.is_empty()
+            && ex.sent == ex.to_backend.len();
+        if !close && reusable {
             self.idle_backend = Some((ex.backend, ex.addrs[ex.addr]));
         } else {
             let _ = cx.registry.deregister(&mut ex.backend);

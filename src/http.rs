@@ -27,6 +27,8 @@ pub enum HeadError {
     BadTarget,
     #[error("request path holds a dot segment")]
     DotSegment,
+    #[error("an HTTP/1.1 request needs exactly one Host header")]
+    Host,
 }
 
 /// How a message body is delimited.
@@ -82,7 +84,7 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead) -> Result<bool, HeadErr
     if has_dot_segment(&target[..path_end]) {
         return Err(HeadError::DotSegment);
     }
-    let target_start = offset(buf, target.as_bytes());
+    let target_start = range(buf, target.as_bytes()).start;
     head.len = len;
     head.method = range(buf, method.as_bytes());
     head.path = target_start..target_start + path_end;
@@ -95,6 +97,7 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead) -> Result<bool, HeadErr
     let mut chunked = false;
     let mut transfer_encoding = false;
     let mut close = minor == 0;
+    let mut hosts = 0;
     for h in req.headers.iter() {
         let value = trim(h.value);
         let name = h.name;
@@ -116,6 +119,7 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead) -> Result<bool, HeadErr
                 }
             }
         } else if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
             head.host = Some(range(buf, value));
         } else if name.eq_ignore_ascii_case("expect") && value.eq_ignore_ascii_case(b"100-continue")
         {
@@ -133,6 +137,10 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead) -> Result<bool, HeadErr
         (Some(0), false) | (None, false) => Framing::None,
         (Some(n), false) => Framing::Length(n),
     });
+    // RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in 1.0.
+    if hosts > 1 || (hosts == 0 && minor == 1) {
+        return Err(HeadError::Host);
+    }
     head.keep_alive = !close;
     Ok(true)
 }
@@ -168,6 +176,7 @@ pub fn parse_response(
     head.reason = res.reason.map_or(0..0, |r| range(buf, r.as_bytes()));
     head.headers.clear();
     let mut length: Option<u64> = None;
+    let mut transfer_encoding = false;
     let mut chunked = false;
     let mut close = minor == 0;
     for h in res.headers.iter() {
@@ -179,6 +188,7 @@ pub fn parse_response(
             }
             length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = true;
             chunked = last_coding_is_chunked(value).unwrap_or(false);
         } else if h.name.eq_ignore_ascii_case("connection") {
             for token in tokens(value) {
@@ -198,9 +208,13 @@ pub fn parse_response(
         if request_was_head || (100..200).contains(&status) || status == 204 || status == 304 {
             Framing::None
         } else if chunked {
-            // RFC 9112 6.3: chunked wins over Content-Length.
+            // RFC 9112 6.3: chunked wins over Content-Length, and the connection is suspect.
             close = close || length.is_some();
             Framing::Chunked
+        } else if transfer_encoding {
+            // A coding other than chunked last: the body ends when the backend closes.
+            close = true;
+            Framing::UntilClose
         } else {
             match length {
                 Some(0) => Framing::None,
@@ -242,7 +256,13 @@ fn is_identity_header(name: &[u8]) -> bool {
 }
 
 /// True when `name` is listed in any `Connection` header of the head.
+/// Never true for the headers that frame the message or name its host: a peer must not make the
+/// gateway forward a body without the header that delimits it.
 fn named_in_connection(buf: &[u8], headers: &[Header], name: &[u8]) -> bool {
+    const KEPT: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
+    if KEPT.iter().any(|k| name.eq_ignore_ascii_case(k)) {
+        return false;
+    }
     headers
         .iter()
         .filter(|h| buf[h.name.clone()].eq_ignore_ascii_case(b"connection"))
@@ -278,7 +298,12 @@ pub fn write_upstream_head(
     }
     out.extend_from_slice(fwd.rest);
     out.extend_from_slice(&buf[head.query.clone()]);
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // An HTTP/1.0 client's request goes as 1.0, so that the answer is not chunked.
+    out.extend_from_slice(if head.minor_version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
     for h in &head.headers {
         let name = &buf[h.name.clone()];
         if is_hop_by_hop(name)
@@ -311,9 +336,13 @@ pub fn write_client_head(buf: &[u8], head: &ResponseHead, close: bool, out: &mut
     let _ = write!(Latin1(out), "HTTP/1.1 {} ", head.status);
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
+    let drop_length = matches!(head.framing, Some(Framing::Chunked | Framing::UntilClose));
     for h in &head.headers {
         let name = &buf[h.name.clone()];
-        if is_hop_by_hop(name) || named_in_connection(buf, &head.headers, name) {
+        if is_hop_by_hop(name)
+            || named_in_connection(buf, &head.headers, name)
+            || (drop_length && name.eq_ignore_ascii_case(b"content-length"))
+        {
             continue;
         }
         push_header(out, name, &buf[h.value.clone()]);
@@ -554,13 +583,14 @@ fn chunk_step(state: Chunk, b: u8) -> Result<Option<Chunk>, ChunkError> {
     }))
 }
 
-fn offset(buf: &[u8], part: &[u8]) -> usize {
-    part.as_ptr() as usize - buf.as_ptr() as usize
-}
-
+/// Where `part`, a slice httparse took from `buf`, lies in it. httparse hands out static empty
+/// slices for some absent parts (a missing reason phrase), which lie elsewhere: those are empty.
 fn range(buf: &[u8], part: &[u8]) -> Range<usize> {
-    let start = offset(buf, part);
-    start..start + part.len()
+    let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= buf.len() => start..end,
+        _ => 0..0,
+    }
 }
 
 fn trim(value: &[u8]) -> &[u8] {
@@ -624,11 +654,12 @@ mod tests {
         assert_eq!(head.framing, Some(Framing::Length(5)));
         assert!(head.keep_alive);
         assert_eq!(head.len, raw.len() - 5);
-        let head = parse("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap();
+        let head = parse("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .unwrap();
         assert_eq!(head.framing, Some(Framing::Chunked));
         let head = parse("GET / HTTP/1.0\r\n\r\n").unwrap();
         assert!(!head.keep_alive);
-        let head = parse("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        let head = parse("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").unwrap();
         assert!(!head.keep_alive);
     }
 
@@ -741,5 +772,87 @@ mod tests {
         assert_eq!(body.advance(b"ab"), Ok(2));
         assert_eq!(body.advance(b"cdef"), Ok(2));
         assert!(body.is_done());
+    }
+
+    #[test]
+    fn a_status_line_without_reason_phrase() {
+        let raw = b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok";
+        let mut head = ResponseHead::default();
+        assert!(parse_response(raw, false, &mut head).unwrap());
+        let mut out = Vec::new();
+        write_client_head(raw, &head, false, &mut out);
+        assert_eq!(out, b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\n");
+        let raw = "HTTP/1.1 200 \u{c7}a va\r\nX-Empty:\r\n\r\n".as_bytes();
+        assert!(parse_response(raw, false, &mut head).unwrap());
+        write_client_head(raw, &head, false, &mut out);
+    }
+
+    #[test]
+    fn connection_cannot_strip_framing_or_host() {
+        let raw = "POST /p HTTP/1.1\r\nHost: h\r\nConnection: Content-Length, Host, Transfer-Encoding\r\nContent-Length: 4\r\n\r\nbody";
+        let head = parse(raw).unwrap();
+        let mut out = Vec::new();
+        let fwd = Forwarding {
+            backend_path: "",
+            rest: b"/p",
+            backend_authority: "b:1",
+            client_ip: "127.0.0.1".parse().unwrap(),
+            request_id: "id",
+            client_cert: None,
+            client_cert_chain: None,
+        };
+        write_upstream_head(raw.as_bytes(), &head, &fwd, &mut out);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("\r\nContent-Length: 4\r\n"), "{out}");
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut head = ResponseHead::default();
+        assert!(parse_response(raw, false, &mut head).unwrap());
+        let mut out = Vec::new();
+        write_client_head(raw, &head, false, &mut out);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Transfer-Encoding: chunked"));
+    }
+
+    #[test]
+    fn ambiguous_responses_are_framed_safely() {
+        let mut head = ResponseHead::default();
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n";
+        assert!(parse_response(raw, false, &mut head).unwrap());
+        assert_eq!(head.framing, Some(Framing::Chunked));
+        assert!(!head.keep_alive);
+        let mut out = Vec::new();
+        write_client_head(raw, &head, true, &mut out);
+        assert!(!String::from_utf8(out).unwrap().contains("Content-Length"));
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n";
+        assert!(parse_response(raw, false, &mut head).unwrap());
+        assert_eq!(head.framing, Some(Framing::UntilClose));
+        assert!(!head.keep_alive);
+    }
+
+    #[test]
+    fn host_rules_and_http10() {
+        assert_eq!(
+            parse("GET / HTTP/1.1\r\n\r\n").unwrap_err(),
+            HeadError::Host
+        );
+        assert_eq!(
+            parse("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").unwrap_err(),
+            HeadError::Host
+        );
+        let raw = "GET /x HTTP/1.0\r\n\r\n";
+        let head = parse(raw).unwrap();
+        let mut out = Vec::new();
+        let fwd = Forwarding {
+            backend_path: "",
+            rest: b"/x",
+            backend_authority: "b:1",
+            client_ip: "127.0.0.1".parse().unwrap(),
+            request_id: "id",
+            client_cert: None,
+            client_cert_chain: None,
+        };
+        write_upstream_head(raw.as_bytes(), &head, &fwd, &mut out);
+        assert!(out.starts_with(b"GET /x HTTP/1.0\r\n"));
     }
 }

@@ -7,6 +7,7 @@
 //! token is never reused while events for its old owner may still be pending.
 
 use std::collections::HashMap;
+use std::mem;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -101,6 +102,8 @@ pub fn run(store: Store, options: ServeOptions) -> Result<(), ServeError> {
         limits: Limits::default(),
         request_ids: RequestIds::new(random_u64()),
         drain_deadline: None,
+        again: Vec::new(),
+        accept_failed: false,
     };
     server.run()
 }
@@ -120,6 +123,11 @@ struct Server {
     request_ids: RequestIds,
     /// Set once SIGTERM or SIGINT arrived.
     drain_deadline: Option<Instant>,
+    /// Connections that stopped for their round budget, to pump again before sleeping.
+    again: Vec<usize>,
+    /// An accept failed (EMFILE and the like): try again at the next sweep, since the
+    /// edge-triggered listener will not report the connections already waiting.
+    accept_failed: bool,
 }
 
 impl Server {
@@ -131,10 +139,12 @@ impl Server {
         loop {
             let now = Instant::now();
             let wake = next_reload.min(next_sweep);
-            if let Err(e) = self
-                .poll
-                .poll(&mut events, Some(wake.saturating_duration_since(now)))
-            {
+            let timeout = if self.again.is_empty() {
+                wake.saturating_duration_since(now)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     return Err(e.into());
                 }
@@ -146,26 +156,11 @@ impl Server {
                     Token(t) if t > LISTENERS - self.listeners.len() && t <= LISTENERS => {
                         self.accept(LISTENERS - t);
                     }
-                    Token(t) => {
-                        let key = t / 2;
-                        let draining = self.drain_deadline.is_some();
-                        let mut cx = Context {
-                            registry: self.poll.registry(),
-                            snapshot: &self.snapshot,
-                            limits: &self.limits,
-                            now: Instant::now(),
-                            unix_now: unix_now(),
-                            draining,
-                            request_ids: &mut self.request_ids,
-                        };
-                        if let Some(conn) = self.conns.get_mut(key) {
-                            conn.pump(&mut cx);
-                            if conn.is_closed() {
-                                closed.push(key);
-                            }
-                        }
-                    }
+                    Token(t) => self.pump_one(t / 2, &mut closed),
                 }
+            }
+            for key in mem::take(&mut self.again) {
+                self.pump_one(key, &mut closed);
             }
             for key in closed.drain(..) {
                 self.conns.try_remove(key);
@@ -192,6 +187,28 @@ impl Server {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Pumps connection `key`, noting whether it closed or wants another turn.
+    fn pump_one(&mut self, key: usize, closed: &mut Vec<usize>) {
+        let mut cx = Context {
+            registry: self.poll.registry(),
+            snapshot: &self.snapshot,
+            limits: &self.limits,
+            now: Instant::now(),
+            unix_now: unix_now(),
+            draining: self.drain_deadline.is_some(),
+            request_ids: &mut self.request_ids,
+        };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.pump(&mut cx) {
+            self.again.push(key);
+        }
+        if conn.is_closed() {
+            closed.push(key);
         }
     }
 
@@ -232,6 +249,7 @@ impl Server {
                 Err(e) => {
                     // EMFILE and the like: the connection waits in the backlog.
                     eprintln!("accept failed: {e}");
+                    self.accept_failed = true;
                     return;
                 }
             };
@@ -303,6 +321,11 @@ impl Server {
     /// Expires connections whose deadline has passed.
     fn sweep(&mut self, now: Instant) {
         self.pump_all(|conn| conn.deadline() <= now);
+        if mem::take(&mut self.accept_failed) {
+            for index in 0..self.listeners.len() {
+                self.accept(index);
+            }
+        }
     }
 
     /// Expires (when draining: closes) the connections `pick` selects.
@@ -323,10 +346,13 @@ impl Server {
             if !pick(conn) {
                 continue;
             }
-            if conn.deadline() <= now {
-                conn.expire(&mut cx);
+            let again = if conn.deadline() <= now {
+                conn.expire(&mut cx)
             } else {
-                conn.pump(&mut cx);
+                conn.pump(&mut cx)
+            };
+            if again {
+                self.again.push(key);
             }
             if conn.is_closed() {
                 closed.push(key);

@@ -1199,8 +1199,10 @@ fn backend_answer(head: &RequestHead, body: &[u8], connection: usize) -> Vec<u8>
         .and_then(|n| n.parse::<usize>().ok());
     let is_head = head.method == "HEAD";
 
-    if path.ends_with("/big") {
-        let payload = pattern(bytes_param.unwrap_or(0));
+    // HTTP/1.0 has no chunked encoding (RFC 9112 7.1): `/chunked` answers it with Content-Length.
+    if path.ends_with("/big") || (path.ends_with("/chunked") && head.minor_version == 0) {
+        let payload =
+            pattern(bytes_param.unwrap_or(if path.ends_with("/big") { 0 } else { 100_000 }));
         return response_bytes(
             200,
             &[("Content-Type", "application/octet-stream".into())],
