@@ -467,11 +467,7 @@ impl Conn {
                 let close = has_body || !self.head.keep_alive || cx.draining;
                 problem.write(&request_id, close, &mut self.output);
                 self.input.drain(..self.head.len);
-                if close {
-                    self.close(cx.now);
-                } else {
-                    self.deadline = cx.now + cx.limits.idle_timeout;
-                }
+                self.next_request_or_close(close, cx);
             }
         }
         true
@@ -797,11 +793,7 @@ impl Conn {
             let _ = cx.registry.deregister(&mut ex.backend);
         }
         self.spare_buffers = (ex.to_backend, ex.from_backend);
-        if close {
-            self.close(cx.now);
-        } else {
-            self.deadline = cx.now + cx.limits.idle_timeout;
-        }
+        self.next_request_or_close(close, cx);
         true
     }
 
@@ -841,13 +833,18 @@ impl Conn {
         }
         let close = ex.close || !ex.request.is_done();
         problem.write(&ex.request_id, close, &mut self.output);
+        self.next_request_or_close(close, cx);
+        true
+    }
+
+    /// After an answer: wait for the next request, or close.
+    fn next_request_or_close(&mut self, close: bool, cx: &Context<'_>) {
         if close {
             self.close(cx.now);
         } else {
             self.phase = Phase::ReadingHead;
             self.deadline = cx.now + cx.limits.idle_timeout;
         }
-        true
     }
 
     /// Starts closing: what is in `output` still goes out, then close_notify.

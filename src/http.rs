@@ -639,6 +639,18 @@ fn has_dot_segment(path: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn forwarding(rest: &[u8]) -> Forwarding<'_> {
+        Forwarding {
+            backend_path: "",
+            rest,
+            backend_authority: "b:1",
+            client_ip: "127.0.0.1".parse().unwrap(),
+            request_id: "id",
+            client_cert: None,
+            client_cert_chain: None,
+        }
+    }
+
     fn parse(raw: &str) -> Result<RequestHead, HeadError> {
         let mut head = RequestHead::default();
         assert!(parse_request(raw.as_bytes(), &mut head)?);
@@ -792,15 +804,7 @@ mod tests {
         let raw = "POST /p HTTP/1.1\r\nHost: h\r\nConnection: Content-Length, Host, Transfer-Encoding\r\nContent-Length: 4\r\n\r\nbody";
         let head = parse(raw).unwrap();
         let mut out = Vec::new();
-        let fwd = Forwarding {
-            backend_path: "",
-            rest: b"/p",
-            backend_authority: "b:1",
-            client_ip: "127.0.0.1".parse().unwrap(),
-            request_id: "id",
-            client_cert: None,
-            client_cert_chain: None,
-        };
+        let fwd = forwarding(b"/p");
         write_upstream_head(raw.as_bytes(), &head, &fwd, &mut out);
         let out = String::from_utf8(out).unwrap();
         assert!(out.contains("\r\nContent-Length: 4\r\n"), "{out}");
@@ -843,15 +847,7 @@ mod tests {
         let raw = "GET /x HTTP/1.0\r\n\r\n";
         let head = parse(raw).unwrap();
         let mut out = Vec::new();
-        let fwd = Forwarding {
-            backend_path: "",
-            rest: b"/x",
-            backend_authority: "b:1",
-            client_ip: "127.0.0.1".parse().unwrap(),
-            request_id: "id",
-            client_cert: None,
-            client_cert_chain: None,
-        };
+        let fwd = forwarding(b"/x");
         write_upstream_head(raw.as_bytes(), &head, &fwd, &mut out);
         assert!(out.starts_with(b"GET /x HTTP/1.0\r\n"));
     }
