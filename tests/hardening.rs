@@ -131,3 +131,28 @@ fn endless_interim_answers_end_in_502_and_others_are_served() {
     let mut other = gw.client(Some("client-a"));
     assert_eq!(other.get("/nowhere").status, 404);
 }
+
+#[test]
+fn tls12_clients_are_judged_like_tls13_clients() {
+    let backend = Backend::start();
+    let gw = gateway_for(&backend.url());
+    let roots = common::roots_from_pem(gw.server_pem());
+    let tls12 = [&rustls::version::TLS12];
+    let allowed = common::client_config_with_versions(roots.clone(), Some("client-a"), &tls12);
+    let mut client = common::Client::connect(gw.addr(), allowed).unwrap();
+    assert_eq!(
+        client.tls().protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    client.get("/p/x").echo();
+    let unknown = common::client_config_with_versions(roots.clone(), Some("client-c"), &tls12);
+    let mut client = common::Client::connect(gw.addr(), unknown).unwrap();
+    client
+        .get("/p/x")
+        .assert_problem(401, "certificate-not-allowed");
+    let anonymous = common::client_config_with_versions(roots, None, &tls12);
+    let mut client = common::Client::connect(gw.addr(), anonymous).unwrap();
+    client
+        .get("/p/x")
+        .assert_problem(401, "client-certificate-required");
+}

@@ -484,10 +484,19 @@ pub fn client_config_with_roots(
     roots: Arc<RootCertStore>,
     cert: Option<&str>,
 ) -> Arc<ClientConfig> {
+    client_config_with_versions(roots, cert, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`client_config_with_roots`] limited to some TLS versions.
+pub fn client_config_with_versions(
+    roots: Arc<RootCertStore>,
+    cert: Option<&str>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
     let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions")
+            .with_protocol_versions(versions)
+            .expect("ring supports these protocol versions")
             .with_root_certificates(roots);
     let config = match cert {
         None => builder.with_no_client_auth(),
