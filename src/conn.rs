@@ -539,16 +539,7 @@ impl Conn {
         let close = !self.head.keep_alive || cx.draining;
         let expect_continue = self.head.expect_continue && framing != Framing::None;
         let addrs = backend.addrs.clone();
-        let method = &self.input[self.head.method.clone()];
-        let idempotent = [
-            &b"GET"[..],
-            b"HEAD",
-            b"OPTIONS",
-            b"TRACE",
-            b"PUT",
-            b"DELETE",
-        ]
-        .contains(&method);
+        let idempotent = http::is_idempotent(&self.input[self.head.method.clone()]);
         let reused = self.idle_backend.take().and_then(|(mut sock, addr)| {
             match addrs.iter().position(|a| *a == addr) {
                 Some(i) if still_open(&sock) => Some((sock, i)),
@@ -571,9 +562,7 @@ impl Conn {
                 self.spare_buffers = (to_backend, from_backend);
                 let close = close || framing != Framing::None;
                 Problem::backend_unavailable(detail).write(&request_id, close, &mut self.output);
-                if close {
-                    self.close(cx.now);
-                }
+                self.next_request_or_close(close, cx);
                 return;
             }
         };
@@ -953,11 +942,14 @@ fn connect_result(sock: &TcpStream) -> io::Result<bool> {
 }
 
 fn write_backend(ex: &mut Exchange) -> io::Result<bool> {
-    let start = ex.sent;
+    let mut written = 0;
     while ex.sent < ex.to_backend.len() {
         match ex.backend.write(&ex.to_backend[ex.sent..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => ex.sent += n,
+            Ok(n) => {
+                ex.sent += n;
+                written += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -968,7 +960,7 @@ fn write_backend(ex: &mut Exchange) -> io::Result<bool> {
         ex.to_backend.clear();
         ex.sent = 0;
     }
-    Ok(ex.sent != start)
+    Ok(written > 0)
 }
 
 fn read_backend(ex: &mut Exchange) -> io::Result<bool> {

@@ -227,6 +227,12 @@ pub fn parse_response(
     Ok(true)
 }
 
+/// Methods whose request may be sent twice with the effect of once (RFC 9110 9.2.2).
+pub fn is_idempotent(method: &[u8]) -> bool {
+    const IDEMPOTENT: [&[u8]; 6] = [b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"];
+    IDEMPOTENT.contains(&method)
+}
+
 /// Headers that describe one connection and never travel past it (RFC 9110 7.6.1), plus the
 /// identity headers only the gateway may set (SPEC 3).
 fn is_hop_by_hop(name: &[u8]) -> bool {
@@ -796,7 +802,10 @@ mod tests {
         assert_eq!(out, b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\n");
         let raw = "HTTP/1.1 200 \u{c7}a va\r\nX-Empty:\r\n\r\n".as_bytes();
         assert!(parse_response(raw, false, &mut head).unwrap());
+        out.clear();
         write_client_head(raw, &head, false, &mut out);
+        assert!(out.starts_with(b"HTTP/1.1 200 "), "{out:?}");
+        assert!(out.ends_with(b"\r\nX-Empty: \r\n\r\n"), "{out:?}");
     }
 
     #[test]

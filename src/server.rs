@@ -156,11 +156,11 @@ impl Server {
                     Token(t) if t > LISTENERS - self.listeners.len() && t <= LISTENERS => {
                         self.accept(LISTENERS - t);
                     }
-                    Token(t) => self.pump_one(t / 2, &mut closed),
+                    Token(t) => self.service(t / 2, false, &mut closed),
                 }
             }
             for key in mem::take(&mut self.again) {
-                self.pump_one(key, &mut closed);
+                self.service(key, false, &mut closed);
             }
             for key in closed.drain(..) {
                 self.conns.try_remove(key);
@@ -190,13 +190,15 @@ impl Server {
         }
     }
 
-    /// Pumps connection `key`, noting whether it closed or wants another turn.
-    fn pump_one(&mut self, key: usize, closed: &mut Vec<usize>) {
+    /// Serves connection `key`: expires it when `expire_due` and its deadline has passed, else
+    /// pumps it; notes whether it closed or wants another turn.
+    fn service(&mut self, key: usize, expire_due: bool, closed: &mut Vec<usize>) {
+        let now = Instant::now();
         let mut cx = Context {
             registry: self.poll.registry(),
             snapshot: &self.snapshot,
             limits: &self.limits,
-            now: Instant::now(),
+            now,
             unix_now: unix_now(),
             draining: self.drain_deadline.is_some(),
             request_ids: &mut self.request_ids,
@@ -204,7 +206,12 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.pump(&mut cx) {
+        let again = if expire_due && conn.deadline() <= now {
+            conn.expire(&mut cx)
+        } else {
+            conn.pump(&mut cx)
+        };
+        if again {
             self.again.push(key);
         }
         if conn.is_closed() {
@@ -328,38 +335,22 @@ impl Server {
         }
     }
 
-    /// Expires (when draining: closes) the connections `pick` selects.
+    /// Serves the connections `pick` selects, expiring those whose deadline has passed; drops
+    /// the ones that close (this runs between batches of events, or while the listeners are
+    /// gone, so no token of theirs can still be pending).
     fn pump_all(&mut self, pick: impl Fn(&Conn) -> bool) {
-        let draining = self.drain_deadline.is_some();
-        let now = Instant::now();
-        let mut cx = Context {
-            registry: self.poll.registry(),
-            snapshot: &self.snapshot,
-            limits: &self.limits,
-            now,
-            unix_now: unix_now(),
-            draining,
-            request_ids: &mut self.request_ids,
-        };
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| pick(conn))
+            .map(|(key, _)| key)
+            .collect();
         let mut closed = Vec::new();
-        for (key, conn) in self.conns.iter_mut() {
-            if !pick(conn) {
-                continue;
-            }
-            let again = if conn.deadline() <= now {
-                conn.expire(&mut cx)
-            } else {
-                conn.pump(&mut cx)
-            };
-            if again {
-                self.again.push(key);
-            }
-            if conn.is_closed() {
-                closed.push(key);
-            }
+        for key in keys {
+            self.service(key, true, &mut closed);
         }
         for key in closed {
-            self.conns.remove(key);
+            self.conns.try_remove(key);
         }
     }
 }
