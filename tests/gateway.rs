@@ -14,20 +14,8 @@ use common::{
 
 const MENU: &str = "/pizzashack/1.0.0/menu?x=1";
 
-/// The usual setup: API `pizzashack` at `/pizzashack/1.0.0` in front of `backend`, with
-/// client-a pinned on it as `a-pizza`.
 fn pizzashack(backend: &Backend) -> Gateway {
-    Gateway::start(|db| {
-        db.api_add("pizzashack", "/pizzashack", Some("1.0.0"), &backend.url());
-        db.cert_add("pizzashack", "a-pizza", "client-a");
-    })
-}
-
-/// True when a response announces that the gateway will close the connection.
-fn closes(response: &common::Response) -> bool {
-    response
-        .header("connection")
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    Gateway::pizzashack(backend, &[])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,7 +292,7 @@ fn certificate_added_and_removed_while_serving_takes_effect() {
     );
     // The snapshot is current now, so a connection opened (and refused) before the change is
     // judged afresh: a verdict cached without the snapshot generation would still say 401.
-    if closes(&first) {
+    if first.closes() {
         eprintln!("note: the gateway closed the connection after its 401; skipped reusing it");
     } else {
         assert_eq!(before.get(MENU).echo().path, "/menu?x=1");
@@ -671,7 +659,7 @@ fn backend_down_is_502_and_the_gateway_keeps_serving() {
     let mut client = gw.client(Some("client-a"));
     let response = client.get("/dead/1.0/menu");
     response.assert_problem(502, "backend-unavailable");
-    if !closes(&response) {
+    if !response.closes() {
         assert_eq!(client.get(MENU).echo().path, "/menu?x=1");
         client
             .get("/dead/1.0/again")

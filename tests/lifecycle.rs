@@ -28,24 +28,12 @@ const DRAIN_TIMEOUT: &str = "60";
 /// How long a gateway may take to exit once nothing is in flight (well below [`DRAIN_TIMEOUT`]).
 const EXIT_LIMIT: Duration = Duration::from_secs(20);
 
-/// API `pizzashack` at `/pizzashack/1.0.0` in front of `backend`, client-a pinned as `a-pizza`,
-/// served with the `serve` options `extra`.
 fn pizzashack_with(backend: &Backend, extra: &[&str]) -> Gateway {
-    let db = common::Db::init();
-    db.api_add("pizzashack", "/pizzashack", Some("1.0.0"), &backend.url());
-    db.cert_add("pizzashack", "a-pizza", "client-a");
-    db.serve_with(extra)
+    Gateway::pizzashack(backend, extra)
 }
 
 fn pizzashack(backend: &Backend) -> Gateway {
-    pizzashack_with(backend, &[])
-}
-
-/// True when a response announces that the gateway will close the connection.
-fn closes(response: &Response) -> bool {
-    response
-        .header("connection")
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    Gateway::pizzashack(backend, &[])
 }
 
 /// Polls until a plain TCP connect to the gateway's port is refused.
@@ -117,7 +105,7 @@ fn sigterm_finishes_the_exchange_in_flight_refuses_new_connections_and_exits_0()
     let echo = response.echo();
     assert_eq!(echo.path, "/slow?ms=3000");
     assert!(
-        closes(&response),
+        response.closes(),
         "an answer finished while draining must carry Connection: close: {:?}",
         response.headers
     );
@@ -385,7 +373,7 @@ fn a_keep_alive_connection_survives_an_unrelated_change_and_sees_it() {
     // Same TLS connection: still served, and judged against the new snapshot.
     let response = client.get(MENU);
     assert!(
-        !closes(&response),
+        !response.closes(),
         "a reload must not close a keep-alive connection: {:?}",
         response.headers
     );
@@ -486,7 +474,7 @@ fn twenty_concurrent_keep_alive_clients_of_twenty_requests_each() {
                             .try_get(&path)
                             .unwrap_or_else(|e| panic!("client {c}, request {r}: {e}"));
                         assert!(
-                            !closes(&response),
+                            !response.closes(),
                             "client {c}, request {r}: the gateway closed a keep-alive connection"
                         );
                         assert_eq!(response.echo().path, format!("/c{c}/r{r}"));

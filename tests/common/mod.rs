@@ -333,6 +333,15 @@ impl Gateway {
         db.serve()
     }
 
+    /// The usual setup: API `pizzashack` at `/pizzashack/1.0.0` in front of `backend`, with
+    /// client-a pinned on it as `a-pizza`, served with the `serve` options `extra`.
+    pub fn pizzashack(backend: &Backend, extra: &[&str]) -> Gateway {
+        let db = Db::init();
+        db.api_add("pizzashack", "/pizzashack", Some("1.0.0"), &backend.url());
+        db.cert_add("pizzashack", "a-pizza", "client-a");
+        db.serve_with(extra)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -673,6 +682,12 @@ pub struct Response {
 }
 
 impl Response {
+    /// True when the response announces that the connection closes after it.
+    pub fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    }
+
     /// The first value of header `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
