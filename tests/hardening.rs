@@ -156,3 +156,40 @@ fn tls12_clients_are_judged_like_tls13_clients() {
         .get("/p/x")
         .assert_problem(401, "client-certificate-required");
 }
+
+#[test]
+fn an_upload_to_a_backend_that_reads_late_is_not_stalled() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    // Reads the head, waits until the gateway's buffers and the kernel's are full, then reads
+    // the whole body at once and answers with its length.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        thread::sleep(std::time::Duration::from_millis(1000));
+        let mut body = vec![0u8; SIZE];
+        if stream.read_exact(&mut body).is_err() {
+            return;
+        }
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{SIZE}",
+            SIZE.to_string().len()
+        );
+        let _ = stream.write_all(answer.as_bytes());
+    });
+    let gw = gateway_for(&url);
+    let mut client = gw.client(Some("client-a"));
+    let body = common::pattern(SIZE);
+    let response = client.request(&common::request_with_body("POST", "/p/upload", &body));
+    assert_eq!((response.status, response.text()), (200, SIZE.to_string()));
+}
