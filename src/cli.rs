@@ -48,8 +48,10 @@ pub enum CliError {
     Scope(String),
     #[error("--listen {0:?} is not an address such as 0.0.0.0:8443 or [::]:8443")]
     Listen(String),
-    #[error("--drain-timeout {0:?} is not a number of seconds")]
-    Seconds(String),
+    #[error("--{option} {value:?} is not a number of seconds")]
+    Seconds { option: &'static str, value: String },
+    #[error("--{option} {value:?} is not a whole number from 1 up")]
+    Count { option: &'static str, value: String },
     #[error("argument {0:?} is not valid UTF-8")]
     Utf8(OsString),
     #[error("cannot write output: {0}")]
@@ -144,7 +146,31 @@ pub struct ServeArgs {
     /// refuse TLS handshakes without a client certificate
     #[argh(switch)]
     require_client_cert: bool,
-    /// seconds to finish requests in flight on SIGTERM (default 30; fractions allowed)
+    /// the largest request head in bytes (default 16384; larger gets 431)
+    #[argh(option)]
+    max_head: Option<String>,
+    /// the largest request body in bytes (default 10485760; larger gets 413)
+    #[argh(option)]
+    max_body: Option<String>,
+    /// seconds a TLS handshake may take (default 10)
+    #[argh(option)]
+    handshake_timeout: Option<String>,
+    /// seconds for a request head to arrive, and between parts of its body (default 10; 408)
+    #[argh(option)]
+    request_timeout: Option<String>,
+    /// seconds a kept-alive connection may wait for its next request (default 60)
+    #[argh(option)]
+    idle_timeout: Option<String>,
+    /// seconds to connect to a backend (default 5; 502 after)
+    #[argh(option)]
+    connect_timeout: Option<String>,
+    /// seconds a backend may take to answer or go on answering (default 30; 504 after)
+    #[argh(option)]
+    backend_timeout: Option<String>,
+    /// the most client connections served at once (default 10000; more wait to be accepted)
+    #[argh(option)]
+    max_connections: Option<String>,
+    /// seconds to finish requests in flight on SIGTERM (default 30)
     #[argh(option)]
     drain_timeout: Option<String>,
 }
@@ -563,20 +589,7 @@ fn run_init(db: &Path, args: InitArgs, out: &mut dyn Write) -> Result<(), CliErr
 }
 
 fn run_serve(db: &Path, args: ServeArgs) -> Result<(), CliError> {
-    let mut listen = Vec::new();
-    for addr in &args.listen {
-        listen.push(
-            addr.parse::<SocketAddr>()
-                .map_err(|_| CliError::Listen(addr.clone()))?,
-        );
-    }
-    if listen.is_empty() {
-        listen.push(SocketAddr::from(([0, 0, 0, 0], 8443)));
-    }
-    let drain_timeout = match &args.drain_timeout {
-        Some(text) => parse_seconds(text)?,
-        None => Duration::from_secs(30),
-    };
+    let options = serve_options(&args)?;
     let existed = db.exists();
     let store = Store::open_or_create(db, &InitOptions::default())?;
     if !existed {
@@ -585,20 +598,93 @@ fn run_serve(db: &Path, args: ServeArgs) -> Result<(), CliError> {
             db.display()
         );
     }
-    let options = ServeOptions {
-        listen,
-        require_client_cert: args.require_client_cert,
-        drain_timeout,
-    };
     server::run(store, options)?;
     Ok(())
 }
 
-fn parse_seconds(text: &str) -> Result<Duration, CliError> {
+/// Turns the `serve` arguments into options, defaults filled in; seconds may be fractional.
+fn serve_options(args: &ServeArgs) -> Result<ServeOptions, CliError> {
+    let mut options = ServeOptions {
+        require_client_cert: args.require_client_cert,
+        ..ServeOptions::default()
+    };
+    if !args.listen.is_empty() {
+        options.listen = args
+            .listen
+            .iter()
+            .map(|addr| {
+                addr.parse::<SocketAddr>()
+                    .map_err(|_| CliError::Listen(addr.clone()))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    let limits = &mut options.limits;
+    let seconds = [
+        (
+            "handshake-timeout",
+            &args.handshake_timeout,
+            &mut limits.handshake_timeout,
+        ),
+        (
+            "request-timeout",
+            &args.request_timeout,
+            &mut limits.request_timeout,
+        ),
+        ("idle-timeout", &args.idle_timeout, &mut limits.idle_timeout),
+        (
+            "connect-timeout",
+            &args.connect_timeout,
+            &mut limits.connect_timeout,
+        ),
+        (
+            "backend-timeout",
+            &args.backend_timeout,
+            &mut limits.backend_timeout,
+        ),
+        (
+            "drain-timeout",
+            &args.drain_timeout,
+            &mut options.drain_timeout,
+        ),
+    ];
+    for (option, text, value) in seconds {
+        if let Some(text) = text {
+            *value = parse_seconds(option, text)?;
+        }
+    }
+    if let Some(text) = &args.max_head {
+        limits.max_head = parse_count("max-head", text)? as usize;
+    }
+    if let Some(text) = &args.max_body {
+        limits.max_body = parse_count("max-body", text)?;
+    }
+    if let Some(text) = &args.max_connections {
+        options.max_connections = parse_count("max-connections", text)? as usize;
+    }
+    Ok(options)
+}
+
+/// A positive number of seconds, fractions allowed.
+fn parse_seconds(option: &'static str, text: &str) -> Result<Duration, CliError> {
     text.parse::<f64>()
         .ok()
+        .filter(|secs| *secs > 0.0)
         .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-        .ok_or_else(|| CliError::Seconds(text.to_owned()))
+        .ok_or_else(|| CliError::Seconds {
+            option,
+            value: text.to_owned(),
+        })
+}
+
+/// A whole number from 1 up (that also fits the address space).
+fn parse_count(option: &'static str, text: &str) -> Result<u64, CliError> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|n| *n >= 1 && usize::try_from(*n).is_ok())
+        .ok_or_else(|| CliError::Count {
+            option,
+            value: text.to_owned(),
+        })
 }
 
 fn server_cert_info(store: &Store) -> Result<CertInfo, CliError> {
@@ -1582,9 +1668,17 @@ mod tests {
         assert!(parse_name("alias", "client-1.example@acme").is_ok());
         assert!(parse_name("alias", "").is_err());
         assert!(parse_name("alias", &"x".repeat(65)).is_err());
-        assert_eq!(parse_seconds("1.5").unwrap(), Duration::from_millis(1500));
-        assert!(parse_seconds("-1").is_err());
-        assert!(parse_seconds("soon").is_err());
+        assert_eq!(
+            parse_seconds("idle-timeout", "1.5").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert!(parse_seconds("idle-timeout", "-1").is_err());
+        assert!(parse_seconds("idle-timeout", "0").is_err());
+        assert!(parse_seconds("idle-timeout", "soon").is_err());
+        assert_eq!(parse_count("max-body", "1024").unwrap(), 1024);
+        assert!(parse_count("max-body", "0").is_err());
+        assert!(parse_count("max-body", "-5").is_err());
+        assert!(parse_count("max-body", "1e6").is_err());
         assert_eq!(parse_oauth2(Some("off")).unwrap(), Some(AuthMode::Off));
         assert!(parse_oauth2(Some("optional")).is_err());
     }

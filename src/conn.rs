@@ -13,6 +13,7 @@
 use std::io::{self, Read, Write};
 use std::mem;
 use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -21,6 +22,7 @@ use rustls::ServerConnection;
 
 use crate::http::{self, Body, Forwarding, Framing, Problem, RequestHead, ResponseHead};
 use crate::policy::{self, ClientCert, Decision};
+use crate::pool::Pool;
 use crate::route::ResourceMatch;
 use crate::snapshot::Snapshot;
 
@@ -35,13 +37,21 @@ const MAX_INTERIM: u8 = 16;
 /// How long a closing connection may take to flush and to let the client finish sending.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// Limits and timeouts of SPEC 6.
-#[derive(Clone, Debug)]
+/// Limits and timeouts of SPEC 6, per connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// The largest request head, in bytes (431 above it).
     pub max_head: usize,
+    /// The largest request body, in bytes (413 above it).
+    pub max_body: u64,
     pub handshake_timeout: Duration,
+    /// For the whole request head, and between two arrivals of request body bytes (408).
     pub request_timeout: Duration,
+    /// For the next request on a kept-alive connection; also how long a client may take no
+    /// answer bytes, and how long a backend connection waits in the pool.
     pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// For the backend's answer, and between two of its reads or writes (504).
     pub backend_timeout: Duration,
 }
 
@@ -49,9 +59,11 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_head: 16 * 1024,
+            max_body: 10 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
             backend_timeout: Duration::from_secs(30),
         }
     }
@@ -68,6 +80,7 @@ pub struct Context<'a> {
     /// SIGTERM arrived: finish what is in flight, take no new request.
     pub draining: bool,
     pub request_ids: &'a mut RequestIds,
+    pub pool: &'a mut Pool,
 }
 
 /// Fresh request ids: a random prefix chosen at start, and a counter.
@@ -81,16 +94,40 @@ impl RequestIds {
         Self { prefix, next: 0 }
     }
 
-    fn next(&mut self) -> String {
+    fn next(&mut self) -> RequestId {
         self.next += 1;
-        format!("{:016x}{:08x}", self.prefix, self.next)
+        RequestId::new(self.prefix, self.next)
     }
 }
 
+/// A request id: 24 lowercase hex digits, kept inline so that making one allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestId([u8; 24]);
+
+impl RequestId {
+    fn new(prefix: u64, counter: u64) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = [0u8; 24];
+        let value = u128::from(prefix) << 32 | u128::from(counter as u32);
+        for (i, digit) in digits.iter_mut().enumerate() {
+            *digit = HEX[(value >> (4 * (23 - i)) & 0xf) as usize];
+        }
+        Self(digits)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+// The exchange lives inline: a connection is already large (rustls' state), and boxing it
+// would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Phase {
     Handshaking,
     ReadingHead,
-    Proxying(Box<Exchange>),
+    Proxying(Exchange),
     /// Flushing the last answer; close_notify follows it.
     Closing,
     /// close_notify queued after the answer; flushing the records.
@@ -104,15 +141,16 @@ enum Phase {
 struct Exchange {
     backend: TcpStream,
     connected: bool,
-    addrs: Vec<SocketAddr>,
+    addrs: Rc<[SocketAddr]>,
     /// Index in `addrs` of the address being tried.
     addr: usize,
     /// Bytes for the backend: the request head, then the body as it arrives; `sent` of them
     /// have been written.
     to_backend: Vec<u8>,
     sent: usize,
-    /// A bodiless idempotent request on a reused backend connection: if that connection turns
-    /// out dead before any response byte, the request goes again on a fresh one.
+    /// An idempotent request whose whole self is in `to_backend`, on a reused backend
+    /// connection: if that connection turns out dead before any response byte, the request
+    /// goes again on a fresh one.
     retryable: bool,
     /// The backend's answer allows another request on its connection.
     backend_keep_alive: bool,
@@ -121,17 +159,38 @@ struct Exchange {
     from_backend: Vec<u8>,
     backend_eof: bool,
     request: Body,
+    /// Request body content received so far, against the body limit.
+    request_bytes: u64,
     response: Response,
     request_was_head: bool,
-    request_id: String,
+    request_id: RequestId,
     /// Close the client connection once this exchange is done.
     close: bool,
+    /// When the connect began, and when each side last moved bytes (or stopped owing any).
+    connect_started: Instant,
+    client_moved: Instant,
+    backend_moved: Instant,
+    /// What the connection's deadline is waiting for.
+    wait: Wait,
 }
 
 enum Response {
     Head,
     Body(Body),
     Done,
+}
+
+/// Who an exchange waits for; the deadline runs from the last time that side moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// The backend to accept the connection (`connect_timeout`).
+    Connect,
+    /// The backend to read the request or send its answer (`backend_timeout`).
+    Backend,
+    /// The client to send more of its request body (`request_timeout`).
+    ClientBody,
+    /// The client to take the answer (`idle_timeout`).
+    ClientRead,
 }
 
 pub struct Conn {
@@ -144,8 +203,6 @@ pub struct Conn {
     cert_headers: Option<(String, Option<String>)>,
     /// Plaintext from the client not yet consumed.
     input: Vec<u8>,
-    /// A backend connection kept open after a keep-alive exchange, with its address.
-    idle_backend: Option<(TcpStream, SocketAddr)>,
     /// The backend buffers, kept between exchanges so that requests reuse them.
     spare_buffers: (Vec<u8>, Vec<u8>),
     /// Plaintext for the client not yet taken by rustls.
@@ -173,7 +230,6 @@ impl Conn {
             client_cert: None,
             cert_headers: None,
             input: Vec::new(),
-            idle_backend: None,
             spare_buffers: (Vec::new(), Vec::new()),
             output: Vec::new(),
             client_eof: false,
@@ -209,19 +265,27 @@ impl Conn {
     /// returns true and the loop must call it again soon, as no new readiness event will come
     /// for bytes already waiting.
     pub fn pump(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut again = true;
         for _ in 0..ROUNDS {
-            let mut progress = self.read_client();
-            progress |= self.advance(cx);
-            progress |= self.flush_client();
+            let read = self.read_client();
+            let advanced = self.advance(cx);
+            let flushed = self.flush_client();
             if matches!(self.phase, Phase::Closed) {
                 self.release(cx.registry);
                 return false;
             }
-            if !progress {
-                return false;
+            if let Phase::Proxying(ex) = &mut self.phase {
+                if read || flushed {
+                    ex.client_moved = cx.now;
+                }
+            }
+            if !(read || advanced || flushed) {
+                again = false;
+                break;
             }
         }
-        true
+        self.settle(cx);
+        again
     }
 
     /// Called when the deadline has passed; returns what [`Conn::pump`] returns.
@@ -235,29 +299,60 @@ impl Conn {
                     "the request head did not arrive in time".into(),
                 );
                 let id = cx.request_ids.next();
-                problem.write(&id, true, &mut self.output);
+                problem.write(id.as_str(), true, &mut self.output);
                 self.input.clear();
                 self.close(cx.now);
             }
-            Phase::Proxying(mut ex) => {
-                let _ = cx.registry.deregister(&mut ex.backend);
-                if matches!(ex.response, Response::Head) {
-                    let problem = if ex.connected {
-                        Problem::new(
-                            504,
-                            "backend-timeout",
-                            "Backend timeout",
-                            "the backend did not answer in time".into(),
-                        )
+            // An idle keep-alive connection: say goodbye properly.
+            Phase::ReadingHead => self.close(cx.now),
+            Phase::Proxying(mut ex) => match ex.wait {
+                Wait::Connect => {
+                    let _ = cx.registry.deregister(&mut ex.backend);
+                    let next = connect_any(&ex.addrs, ex.addr + 1, cx.registry, self.backend_token);
+                    let failed = ex.addrs[ex.addr];
+                    if let Ok((sock, i)) = next {
+                        ex.backend = sock;
+                        ex.addr = i;
+                        ex.connect_started = cx.now;
+                        self.phase = Phase::Proxying(ex);
                     } else {
-                        Problem::backend_unavailable(
-                            "the backend did not accept the connection in time".into(),
-                        )
-                    };
-                    problem.write(&ex.request_id, true, &mut self.output);
-                    self.close(cx.now);
+                        self.phase = Phase::Proxying(ex);
+                        let detail = format!(
+                            "the backend at {failed} did not accept the connection within {:?}",
+                            cx.limits.connect_timeout
+                        );
+                        self.fail_exchange(Problem::backend_unavailable(detail), cx);
+                    }
                 }
-            }
+                Wait::Backend => {
+                    self.phase = Phase::Proxying(ex);
+                    let problem = Problem::new(
+                        504,
+                        "backend-timeout",
+                        "Backend timeout",
+                        format!(
+                            "the backend did not answer within {:?}",
+                            cx.limits.backend_timeout
+                        ),
+                    );
+                    self.fail_exchange(problem, cx);
+                }
+                Wait::ClientBody => {
+                    self.phase = Phase::Proxying(ex);
+                    let problem = Problem::new(
+                        408,
+                        "request-timeout",
+                        "Request timeout",
+                        format!(
+                            "the request body stopped arriving for {:?}",
+                            cx.limits.request_timeout
+                        ),
+                    );
+                    self.fail_exchange(problem, cx);
+                }
+                // A client that takes no part of its answer is given up on.
+                Wait::ClientRead => {}
+            },
             _ => {}
         }
         self.pump(cx)
@@ -412,16 +507,7 @@ impl Conn {
         match http::parse_request(&self.input, &mut self.head) {
             Ok(true) => {}
             Ok(false) if self.input.len() > cx.limits.max_head => {
-                let problem = Problem::new(
-                    431,
-                    "headers-too-large",
-                    "Request header fields too large",
-                    format!(
-                        "the request head is larger than {} bytes",
-                        cx.limits.max_head
-                    ),
-                );
-                return self.refuse_unparsed(problem, cx);
+                return self.refuse_unparsed(head_too_large(cx.limits.max_head), cx);
             }
             Ok(false) => {
                 if self.client_eof {
@@ -448,35 +534,32 @@ impl Conn {
             Err(e) => return self.refuse_unparsed(Problem::bad_request(format!("{e}")), cx),
         }
         if self.head.len > cx.limits.max_head {
-            let problem = Problem::new(
-                431,
-                "headers-too-large",
-                "Request header fields too large",
-                format!(
-                    "the request head is larger than {} bytes",
-                    cx.limits.max_head
-                ),
-            );
-            return self.refuse_unparsed(problem, cx);
+            return self.refuse_unparsed(head_too_large(cx.limits.max_head), cx);
         }
         let request_id = cx.request_ids.next();
-        match self.route(cx) {
-            Ok((api, cert_passed)) => self.forward(api, cert_passed, request_id, cx),
-            Err(problem) => {
-                let has_body = self.head.framing != Some(Framing::None);
-                let close = has_body || !self.head.keep_alive || cx.draining;
-                problem.write(&request_id, close, &mut self.output);
-                self.input.drain(..self.head.len);
-                self.next_request_or_close(close, cx);
+        let refusal = match self.route(cx) {
+            Ok(_) if matches!(self.head.framing, Some(Framing::Length(n)) if n > cx.limits.max_body) => {
+                body_too_large(cx.limits.max_body)
             }
-        }
+            Ok((api, cert_passed)) => {
+                self.forward(api, cert_passed, request_id, cx);
+                return true;
+            }
+            Err(problem) => problem,
+        };
+        // The body, if any, is not read: the connection closes after the answer.
+        let has_body = self.head.framing != Some(Framing::None);
+        let close = has_body || !self.head.keep_alive || cx.draining;
+        refusal.write(request_id.as_str(), close, &mut self.output);
+        self.input.drain(..self.head.len);
+        self.next_request_or_close(close, cx);
         true
     }
 
     /// A head that could not be parsed: answer, and close (the framing is unknown).
     fn refuse_unparsed(&mut self, problem: Problem, cx: &mut Context<'_>) -> bool {
         let id = cx.request_ids.next();
-        problem.write(&id, true, &mut self.output);
+        problem.write(id.as_str(), true, &mut self.output);
         self.input.clear();
         self.close(cx.now);
         true
@@ -515,8 +598,15 @@ impl Conn {
         }
     }
 
-    /// Starts forwarding the parsed request to the API's backend.
-    fn forward(&mut self, api: usize, cert_passed: bool, request_id: String, cx: &mut Context<'_>) {
+    /// Starts forwarding the parsed request to the API's backend, on a pooled connection when
+    /// there is one.
+    fn forward(
+        &mut self,
+        api: usize,
+        cert_passed: bool,
+        request_id: RequestId,
+        cx: &mut Context<'_>,
+    ) {
         let view = &cx.snapshot.apis[api];
         let backend = &view.api.backend;
         let path = std::str::from_utf8(&self.input[self.head.path.clone()]).unwrap_or("/");
@@ -529,28 +619,27 @@ impl Conn {
             rest: rest.as_bytes(),
             backend_authority: &backend.authority,
             client_ip: self.peer.ip(),
-            request_id: &request_id,
+            request_id: request_id.as_str(),
             client_cert: cert_headers.map(|h| h.0.as_str()),
             client_cert_chain: cert_headers.and_then(|h| h.1.as_deref()),
         };
         http::write_upstream_head(&self.input, &self.head, &forwarding, &mut to_backend);
         let framing = self.head.framing.unwrap_or(Framing::None);
-        let request_was_head = &self.input[self.head.method.clone()] == b"HEAD";
+        let method = &self.input[self.head.method.clone()];
+        let request_was_head = method == b"HEAD";
         let close = !self.head.keep_alive || cx.draining;
         let expect_continue = self.head.expect_continue && framing != Framing::None;
-        let addrs = backend.addrs.clone();
-        let idempotent = http::is_idempotent(&self.input[self.head.method.clone()]);
-        let reused = self.idle_backend.take().and_then(|(mut sock, addr)| {
-            match addrs.iter().position(|a| *a == addr) {
-                Some(i) if still_open(&sock) => Some((sock, i)),
-                _ => {
-                    let _ = cx.registry.deregister(&mut sock);
-                    None
-                }
-            }
-        });
-        let retryable = reused.is_some() && idempotent && framing == Framing::None;
+        // The whole request fits in the buffer, so it can be sent again.
+        let fits = match framing {
+            Framing::None => true,
+            Framing::Length(n) => n <= (BUFFER - to_backend.len().min(BUFFER)) as u64,
+            Framing::Chunked | Framing::UntilClose => false,
+        };
+        let retryable = http::is_idempotent(method) && fits;
+        let addrs = Rc::clone(&view.addrs);
+        let reused = cx.pool.checkout(&addrs, cx.registry, self.backend_token);
         let connected = reused.is_some();
+        let retryable = retryable && connected;
         let fresh = match reused {
             Some(reused) => Ok(reused),
             None => connect_any(&addrs, 0, cx.registry, self.backend_token),
@@ -561,7 +650,11 @@ impl Conn {
             Err(detail) => {
                 self.spare_buffers = (to_backend, from_backend);
                 let close = close || framing != Framing::None;
-                Problem::backend_unavailable(detail).write(&request_id, close, &mut self.output);
+                Problem::backend_unavailable(detail).write(
+                    request_id.as_str(),
+                    close,
+                    &mut self.output,
+                );
                 self.next_request_or_close(close, cx);
                 return;
             }
@@ -570,8 +663,7 @@ impl Conn {
             self.output
                 .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
-        self.deadline = cx.now + cx.limits.backend_timeout;
-        self.phase = Phase::Proxying(Box::new(Exchange {
+        self.phase = Phase::Proxying(Exchange {
             backend,
             connected,
             addrs,
@@ -584,11 +676,16 @@ impl Conn {
             from_backend,
             backend_eof: false,
             request: Body::new(framing),
+            request_bytes: 0,
             response: Response::Head,
             request_was_head,
             request_id,
             close,
-        }));
+            connect_started: cx.now,
+            client_moved: cx.now,
+            backend_moved: cx.now,
+            wait: Wait::Backend,
+        });
     }
 
     /// Moves the exchange along: connect, request body out, response back.
@@ -601,6 +698,7 @@ impl Conn {
             match connect_result(&ex.backend) {
                 Ok(true) => {
                     ex.connected = true;
+                    ex.backend_moved = cx.now;
                     progress = true;
                 }
                 Ok(false) => {}
@@ -611,6 +709,7 @@ impl Conn {
                         Ok((sock, i)) => {
                             ex.backend = sock;
                             ex.addr = i;
+                            ex.connect_started = cx.now;
                             return true;
                         }
                         Err(_) => {
@@ -624,8 +723,14 @@ impl Conn {
         // The request body, from the client to the backend.
         if !ex.request.is_done() && ex.to_backend.len() < BUFFER && !self.input.is_empty() {
             let take = self.input.len().min(BUFFER - ex.to_backend.len());
-            match ex.request.advance(&self.input[..take]) {
-                Ok(n) => {
+            match ex.request.advance_counting(&self.input[..take]) {
+                Ok((n, content)) => {
+                    ex.request_bytes += content;
+                    if ex.request_bytes > cx.limits.max_body {
+                        // The rest of the body stays unread: the connection must close.
+                        ex.close = true;
+                        return self.fail_exchange(body_too_large(cx.limits.max_body), cx);
+                    }
                     ex.to_backend.extend_from_slice(&self.input[..n]);
                     self.input.drain(..n);
                     progress |= n > 0;
@@ -644,7 +749,12 @@ impl Conn {
         }
         if ex.connected {
             match write_backend(ex) {
-                Ok(moved) => progress |= moved,
+                Ok(moved) => {
+                    if moved {
+                        ex.backend_moved = cx.now;
+                        progress = true;
+                    }
+                }
                 Err(e) => {
                     let detail =
                         format!("the backend connection failed while sending the request: {e}");
@@ -652,17 +762,23 @@ impl Conn {
                 }
             }
             match read_backend(ex) {
-                Ok(moved) => progress |= moved,
+                Ok(moved) => {
+                    if moved {
+                        ex.backend_moved = cx.now;
+                        progress = true;
+                    }
+                }
                 Err(e) => {
                     let detail = format!("the backend connection failed: {e}");
                     return self.backend_failed(detail, cx);
                 }
             }
+            if !ex.from_backend.is_empty() {
+                // The answer has begun: the request can no longer go again elsewhere.
+                ex.retryable = false;
+            }
         }
         progress |= self.relay_response(cx);
-        if progress {
-            self.deadline = cx.now + cx.limits.backend_timeout;
-        }
         progress | self.finish_exchange(cx)
     }
 
@@ -762,8 +878,8 @@ impl Conn {
         }
     }
 
-    /// Ends the exchange once the answer is relayed, keeping the backend connection for the next
-    /// request when both sides allow it.
+    /// Ends the exchange once the answer is relayed, parking the backend connection in the pool
+    /// when both sides allow it.
     fn finish_exchange(&mut self, cx: &mut Context<'_>) -> bool {
         if !matches!(&self.phase, Phase::Proxying(ex) if matches!(ex.response, Response::Done)) {
             return false;
@@ -776,8 +892,9 @@ impl Conn {
             && !ex.backend_eof
             && ex.from_backend.is_empty()
             && ex.sent == ex.to_backend.len();
-        if !close && reusable {
-            self.idle_backend = Some((ex.backend, ex.addrs[ex.addr]));
+        if reusable {
+            cx.pool
+                .park(ex.backend, ex.addrs[ex.addr], cx.now, cx.registry);
         } else {
             let _ = cx.registry.deregister(&mut ex.backend);
         }
@@ -796,6 +913,7 @@ impl Conn {
                     ex.backend = sock;
                     ex.addr = i;
                     ex.connected = false;
+                    ex.connect_started = cx.now;
                     ex.retryable = false;
                     ex.sent = 0;
                     ex.backend_eof = false;
@@ -821,9 +939,56 @@ impl Conn {
             return true;
         }
         let close = ex.close || !ex.request.is_done();
-        problem.write(&ex.request_id, close, &mut self.output);
+        problem.write(ex.request_id.as_str(), close, &mut self.output);
         self.next_request_or_close(close, cx);
         true
+    }
+
+    /// Sets the deadline of an exchange from who it waits for. A side that owes nothing has
+    /// its clock restarted, so that waiting on one side never counts against the other: a
+    /// slowly arriving upload does not run down the backend's time, nor a slow backend the
+    /// client's.
+    fn settle(&mut self, cx: &Context<'_>) {
+        let client_behind = !self.output.is_empty() || self.tls.wants_write();
+        let Phase::Proxying(ex) = &mut self.phase else {
+            return;
+        };
+        if !ex.connected {
+            ex.wait = Wait::Connect;
+            self.deadline = ex.connect_started + cx.limits.connect_timeout;
+            return;
+        }
+        let answering = !matches!(ex.response, Response::Done);
+        let backend_owes = ex.sent < ex.to_backend.len()
+            || (ex.request.is_done() && answering && ex.from_backend.len() < BUFFER);
+        let client_owes_body = !ex.request.is_done()
+            && self.input.is_empty()
+            && ex.to_backend.len() < BUFFER
+            && !self.client_eof;
+        if !backend_owes {
+            ex.backend_moved = cx.now;
+        }
+        if !client_owes_body && !client_behind {
+            ex.client_moved = cx.now;
+        }
+        let mut next = (Wait::Backend, ex.backend_moved + cx.limits.backend_timeout);
+        let client = if client_owes_body {
+            Some((
+                Wait::ClientBody,
+                ex.client_moved + cx.limits.request_timeout,
+            ))
+        } else if client_behind {
+            Some((Wait::ClientRead, ex.client_moved + cx.limits.idle_timeout))
+        } else {
+            None
+        };
+        if let Some(client) = client {
+            if !backend_owes || client.1 < next.1 {
+                next = client;
+            }
+        }
+        ex.wait = next.0;
+        self.deadline = next.1;
     }
 
     /// After an answer: wait for the next request, or close.
@@ -865,9 +1030,6 @@ impl Conn {
     /// Deregisters what is still registered; the loop drops the connection after this batch.
     fn release(&mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.sock);
-        if let Some((mut backend, _)) = self.idle_backend.take() {
-            let _ = registry.deregister(&mut backend);
-        }
     }
 }
 
@@ -915,11 +1077,6 @@ fn connect_any(
         }
     }
     Err(failure)
-}
-
-/// Whether an idle backend connection is still open: nothing to read and no EOF.
-fn still_open(sock: &TcpStream) -> bool {
-    matches!(sock.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 fn connect(addr: SocketAddr, registry: &Registry, token: Token) -> io::Result<TcpStream> {
@@ -994,4 +1151,22 @@ fn read_backend(ex: &mut Exchange) -> io::Result<bool> {
         }
     }
     Ok(progress)
+}
+
+fn head_too_large(max_head: usize) -> Problem {
+    Problem::new(
+        431,
+        "headers-too-large",
+        "Request header fields too large",
+        format!("the request head is larger than {max_head} bytes"),
+    )
+}
+
+fn body_too_large(max_body: u64) -> Problem {
+    Problem::new(
+        413,
+        "payload-too-large",
+        "Payload too large",
+        format!("the request body is larger than {max_body} bytes"),
+    )
 }

@@ -513,24 +513,32 @@ impl Body {
     /// Consumes body bytes from the front of `input`; returns how many belong to the body.
     /// Bytes after the end (a pipelined request) are left alone.
     pub fn advance(&mut self, input: &[u8]) -> Result<usize, ChunkError> {
+        self.advance_counting(input).map(|(consumed, _)| consumed)
+    }
+
+    /// As [`Body::advance`], and also says how many of the consumed bytes are content, which
+    /// for a chunked body leaves out the framing (the measure of a body size limit).
+    pub fn advance_counting(&mut self, input: &[u8]) -> Result<(usize, u64), ChunkError> {
         match self {
-            Self::Done => Ok(0),
-            Self::UntilClose => Ok(input.len()),
+            Self::Done => Ok((0, 0)),
+            Self::UntilClose => Ok((input.len(), input.len() as u64)),
             Self::Length(left) => {
                 let n = (*left).min(input.len() as u64);
                 *left -= n;
                 if *left == 0 {
                     *self = Self::Done;
                 }
-                Ok(n as usize)
+                Ok((n as usize, n))
             }
             Self::Chunked(state) => {
                 let mut i = 0;
+                let mut content = 0;
                 while i < input.len() {
                     if let Chunk::Data(left) = state {
                         let n = (*left).min((input.len() - i) as u64);
                         *left -= n;
                         i += n as usize;
+                        content += n;
                         if *left == 0 {
                             *state = Chunk::DataCr;
                         }
@@ -542,11 +550,11 @@ impl Body {
                         Some(next) => *state = next,
                         None => {
                             *self = Self::Done;
-                            return Ok(i);
+                            return Ok((i, content));
                         }
                     }
                 }
-                Ok(i)
+                Ok((i, content))
             }
         }
     }

@@ -13,6 +13,7 @@
 //! - [`tls`]: the rustls server configuration and the client-certificate verifier.
 //! - [`http`]: HTTP/1.1 heads and body framing, and the gateway's own answers.
 //! - [`conn`]: one client connection and its backend connection, as a state machine.
+//! - [`pool`]: idle backend connections shared by all client connections, and the tokens.
 //! - [`server`]: the mio event loop: listeners, tokens, signals, snapshot reloads.
 //!
 //! `ARCHITECTURE.md` traces a request's life through these modules.
@@ -23,6 +24,7 @@ pub mod conn;
 pub mod http;
 pub mod model;
 pub mod policy;
+pub mod pool;
 pub mod route;
 pub mod server;
 pub mod snapshot;

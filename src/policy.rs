@@ -166,6 +166,7 @@ mod tests {
                 tier: None,
             },
             base_path: "/pizza".into(),
+            addrs: Vec::new().into(),
             resources: vec![],
             certs,
             pinned,

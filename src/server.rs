@@ -1,10 +1,14 @@
 //! The mio event loop: one thread, listeners, client and backend sockets, signals, timers and
 //! snapshot reloads.
 //!
-//! Tokens: connection `k` of the slab owns `Token(2k)` for its client socket and `Token(2k + 1)`
-//! for its backend socket; listeners and the signal pipe use tokens from the top of the range.
+//! Tokens: connection `k` of the slab owns `Token(3k)` for its client socket and `Token(3k + 1)`
+//! for its backend socket, a parked backend connection `p` of the pool `Token(3p + 2)`
+//! ([`crate::pool`]); listeners and the signal pipe use tokens from the top of the range.
 //! A closed connection leaves the slab only after the batch of events it was closed in, so a
 //! token is never reused while events for its old owner may still be pending.
+//!
+//! At `max_connections` the loop stops accepting; further connections wait in the kernel's
+//! backlog until one closes.
 
 use std::collections::HashMap;
 use std::mem;
@@ -22,6 +26,7 @@ use thiserror::Error;
 
 use crate::conn::{Conn, Context, Limits, RequestIds};
 use crate::model::Config;
+use crate::pool::{self, Owner, Pool};
 use crate::snapshot::Snapshot;
 use crate::store::Store;
 use crate::tls::{SessionState, TlsError};
@@ -40,6 +45,20 @@ pub struct ServeOptions {
     pub listen: Vec<SocketAddr>,
     pub require_client_cert: bool,
     pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub limits: Limits,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 8443))],
+            require_client_cert: false,
+            drain_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            limits: Limits::default(),
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -99,11 +118,12 @@ pub fn run(store: Store, options: ServeOptions) -> Result<(), ServeError> {
         snapshot,
         data_version,
         options,
-        limits: Limits::default(),
+        pool: Pool::default(),
         request_ids: RequestIds::new(random_u64()),
         drain_deadline: None,
         again: Vec::new(),
         accept_failed: false,
+        accept_paused: false,
     };
     server.run()
 }
@@ -119,7 +139,7 @@ struct Server {
     snapshot: Snapshot,
     data_version: i64,
     options: ServeOptions,
-    limits: Limits,
+    pool: Pool,
     request_ids: RequestIds,
     /// Set once SIGTERM or SIGINT arrived.
     drain_deadline: Option<Instant>,
@@ -128,6 +148,8 @@ struct Server {
     /// An accept failed (EMFILE and the like): try again at the next sweep, since the
     /// edge-triggered listener will not report the connections already waiting.
     accept_failed: bool,
+    /// Accepting stopped at `max_connections`: resume once a connection closes.
+    accept_paused: bool,
 }
 
 impl Server {
@@ -156,7 +178,10 @@ impl Server {
                     Token(t) if t > LISTENERS - self.listeners.len() && t <= LISTENERS => {
                         self.accept(LISTENERS - t);
                     }
-                    Token(t) => self.service(t / 2, false, &mut closed),
+                    token => match pool::owner(token) {
+                        Owner::Conn(key) => self.service(key, false, &mut closed),
+                        Owner::Parked(key) => self.pool.on_event(key, self.poll.registry()),
+                    },
                 }
             }
             for key in mem::take(&mut self.again) {
@@ -165,6 +190,7 @@ impl Server {
             for key in closed.drain(..) {
                 self.conns.try_remove(key);
             }
+            self.resume_accepting();
             let now = Instant::now();
             if reload_now || now >= next_reload {
                 self.reload(reload_now);
@@ -197,11 +223,12 @@ impl Server {
         let mut cx = Context {
             registry: self.poll.registry(),
             snapshot: &self.snapshot,
-            limits: &self.limits,
+            limits: &self.options.limits,
             now,
             unix_now: unix_now(),
             draining: self.drain_deadline.is_some(),
             request_ids: &mut self.request_ids,
+            pool: &mut self.pool,
         };
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -249,6 +276,10 @@ impl Server {
             return;
         };
         loop {
+            if self.conns.len() >= self.options.max_connections {
+                self.accept_paused = true;
+                return;
+            }
             let (mut sock, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -268,14 +299,25 @@ impl Server {
             let key = entry.key();
             let registered = self.poll.registry().register(
                 &mut sock,
-                Token(2 * key),
+                pool::client_token(key),
                 Interest::READABLE | Interest::WRITABLE,
             );
             if registered.is_err() {
                 continue;
             }
-            let deadline = Instant::now() + self.limits.handshake_timeout;
-            entry.insert(Conn::new(sock, tls, peer, Token(2 * key + 1), deadline));
+            let deadline = Instant::now() + self.options.limits.handshake_timeout;
+            let backend = pool::backend_token(key);
+            entry.insert(Conn::new(sock, tls, peer, backend, deadline));
+        }
+    }
+
+    /// Accepts again once connections have closed below `max_connections`.
+    fn resume_accepting(&mut self) {
+        if self.accept_paused && self.conns.len() < self.options.max_connections {
+            self.accept_paused = false;
+            for index in 0..self.listeners.len() {
+                self.accept(index);
+            }
         }
     }
 
@@ -328,6 +370,8 @@ impl Server {
     /// Expires connections whose deadline has passed.
     fn sweep(&mut self, now: Instant) {
         self.pump_all(|conn| conn.deadline() <= now);
+        self.pool
+            .expire(now, self.options.limits.idle_timeout, self.poll.registry());
         if mem::take(&mut self.accept_failed) {
             for index in 0..self.listeners.len() {
                 self.accept(index);
@@ -352,6 +396,7 @@ impl Server {
         for key in closed {
             self.conns.try_remove(key);
         }
+        self.resume_accepting();
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use rustls::ServerConfig;
@@ -17,6 +18,9 @@ use crate::tls::{SessionState, TlsError};
 pub struct ApiView {
     pub api: Api,
     pub base_path: String,
+    /// The backend's addresses, shared with the exchanges under way so that starting one
+    /// copies nothing.
+    pub addrs: Rc<[SocketAddr]>,
     pub resources: Vec<Resource>,
     pub certs: Vec<CertEntry>,
     /// SHA-256 of a pinned certificate to its index in `certs`.
@@ -59,6 +63,7 @@ impl Snapshot {
                 }
                 ApiView {
                     base_path: api.base_path(),
+                    addrs: api.backend.addrs.as_slice().into(),
                     api,
                     resources: Vec::new(),
                     certs: Vec::new(),
