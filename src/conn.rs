@@ -176,7 +176,11 @@ struct Exchange {
 
 enum Response {
     Head,
-    Body(Body),
+    /// `decode`: the body is chunked and the client speaks HTTP/1.0, so only its content goes.
+    Body {
+        body: Body,
+        decode: bool,
+    },
     Done,
 }
 
@@ -299,7 +303,7 @@ impl Conn {
                     "the request head did not arrive in time".into(),
                 );
                 let id = cx.request_ids.next();
-                problem.write(id.as_str(), true, &mut self.output);
+                problem.write(id.as_str(), true, false, &mut self.output);
                 self.input.clear();
                 self.close(cx.now);
             }
@@ -550,7 +554,8 @@ impl Conn {
         // The body, if any, is not read: the connection closes after the answer.
         let has_body = self.head.framing != Some(Framing::None);
         let close = has_body || !self.head.keep_alive || cx.draining;
-        refusal.write(request_id.as_str(), close, &mut self.output);
+        let http10 = self.head.minor_version == 0;
+        refusal.write(request_id.as_str(), close, http10, &mut self.output);
         self.input.drain(..self.head.len);
         self.next_request_or_close(close, cx);
         true
@@ -559,7 +564,7 @@ impl Conn {
     /// A head that could not be parsed: answer, and close (the framing is unknown).
     fn refuse_unparsed(&mut self, problem: Problem, cx: &mut Context<'_>) -> bool {
         let id = cx.request_ids.next();
-        problem.write(id.as_str(), true, &mut self.output);
+        problem.write(id.as_str(), true, false, &mut self.output);
         self.input.clear();
         self.close(cx.now);
         true
@@ -650,11 +655,9 @@ impl Conn {
             Err(detail) => {
                 self.spare_buffers = (to_backend, from_backend);
                 let close = close || framing != Framing::None;
-                Problem::backend_unavailable(detail).write(
-                    request_id.as_str(),
-                    close,
-                    &mut self.output,
-                );
+                let http10 = self.head.minor_version == 0;
+                let problem = Problem::backend_unavailable(detail);
+                problem.write(request_id.as_str(), close, http10, &mut self.output);
                 self.next_request_or_close(close, cx);
                 return;
             }
@@ -827,26 +830,44 @@ impl Conn {
                     }
                     // Interim answers pass on to HTTP/1.1 clients; the final one follows.
                     if self.head.minor_version == 1 {
-                        http::write_client_head(&ex.from_backend, head, false, &mut self.output);
+                        let out = &mut self.output;
+                        http::write_client_head(&ex.from_backend, head, false, false, out);
                     }
                     ex.from_backend.drain(..head.len);
                     return true;
                 }
                 let framing = head.framing.unwrap_or(Framing::None);
-                ex.close |= framing == Framing::UntilClose || cx.draining || !ex.request.is_done();
+                let http10 = self.head.minor_version == 0;
+                // An HTTP/1.0 client cannot read chunks: it gets the content, ended by the close.
+                let decode = http10 && framing == Framing::Chunked;
+                ex.close |= framing == Framing::UntilClose
+                    || decode
+                    || cx.draining
+                    || !ex.request.is_done();
                 ex.backend_keep_alive = head.keep_alive && framing != Framing::UntilClose;
-                http::write_client_head(&ex.from_backend, head, ex.close, &mut self.output);
+                let out = &mut self.output;
+                http::write_client_head(&ex.from_backend, head, ex.close, http10, out);
                 ex.from_backend.drain(..head.len);
-                ex.response = Response::Body(Body::new(framing));
+                ex.response = Response::Body {
+                    body: Body::new(framing),
+                    decode,
+                };
                 true
             }
-            Response::Body(body) => {
+            Response::Body { body, decode } => {
                 let mut progress = false;
                 if !ex.from_backend.is_empty() && self.output.len() < BUFFER {
                     let take = ex.from_backend.len().min(BUFFER - self.output.len());
-                    match body.advance(&ex.from_backend[..take]) {
+                    let input = &ex.from_backend[..take];
+                    let relayed = if *decode {
+                        body.advance_with(input, |content| self.output.extend_from_slice(content))
+                    } else {
+                        body.advance(input).inspect(|&n| {
+                            self.output.extend_from_slice(&input[..n]);
+                        })
+                    };
+                    match relayed {
                         Ok(n) => {
-                            self.output.extend_from_slice(&ex.from_backend[..n]);
                             ex.from_backend.drain(..n);
                             progress = n > 0;
                         }
@@ -939,7 +960,8 @@ impl Conn {
             return true;
         }
         let close = ex.close || !ex.request.is_done();
-        problem.write(ex.request_id.as_str(), close, &mut self.output);
+        let http10 = self.head.minor_version == 0;
+        problem.write(ex.request_id.as_str(), close, http10, &mut self.output);
         self.next_request_or_close(close, cx);
         true
     }
@@ -1169,4 +1191,32 @@ fn body_too_large(max_body: u64) -> Problem {
         "Payload too large",
         format!("the request body is larger than {max_body} bytes"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_prefix_and_counter_in_hex() {
+        let mut ids = RequestIds::new(0x0123_4567_89ab_cdef);
+        assert_eq!(ids.next().as_str(), "0123456789abcdef00000001");
+        assert_eq!(ids.next().as_str(), "0123456789abcdef00000002");
+        assert_eq!(
+            RequestId::new(u64::MAX, u64::from(u32::MAX)).as_str(),
+            "ffffffffffffffffffffffff"
+        );
+    }
+
+    #[test]
+    fn default_limits_are_those_of_spec_6() {
+        let limits = Limits::default();
+        assert_eq!(limits.max_head, 16 * 1024);
+        assert_eq!(limits.max_body, 10 * 1024 * 1024);
+        assert_eq!(limits.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(limits.request_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(limits.connect_timeout, Duration::from_secs(5));
+        assert_eq!(limits.backend_timeout, Duration::from_secs(30));
+    }
 }

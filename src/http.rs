@@ -337,26 +337,45 @@ pub fn write_upstream_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes the head the client gets for a backend response into `out` (appended).
-pub fn write_client_head(buf: &[u8], head: &ResponseHead, close: bool, out: &mut Vec<u8>) {
+/// Writes the head the client gets for a backend response into `out` (appended). For an
+/// HTTP/1.0 client (`http10`) a chunked body is decoded by the caller and ends with the
+/// connection, so its framing headers go; a 1.0 connection that stays open says so.
+pub fn write_client_head(
+    buf: &[u8],
+    head: &ResponseHead,
+    close: bool,
+    http10: bool,
+    out: &mut Vec<u8>,
+) {
     let _ = write!(Latin1(out), "HTTP/1.1 {} ", head.status);
     out.extend_from_slice(&buf[head.reason.clone()]);
     out.extend_from_slice(b"\r\n");
-    let drop_length = matches!(head.framing, Some(Framing::Chunked | Framing::UntilClose));
+    let chunked = head.framing == Some(Framing::Chunked);
+    let drop_length = chunked || head.framing == Some(Framing::UntilClose);
     for h in &head.headers {
         let name = &buf[h.name.clone()];
         if is_hop_by_hop(name)
             || named_in_connection(buf, &head.headers, name)
             || (drop_length && name.eq_ignore_ascii_case(b"content-length"))
+            || (http10 && chunked && name.eq_ignore_ascii_case(b"transfer-encoding"))
         {
             continue;
         }
         push_header(out, name, &buf[h.value.clone()]);
     }
-    if close {
-        out.extend_from_slice(b"Connection: close\r\n");
-    }
+    out.extend_from_slice(connection_header(close, http10));
     out.extend_from_slice(b"\r\n");
+}
+
+/// The `Connection` line of an answer: `close` when the connection ends after it; `keep-alive`
+/// for an HTTP/1.0 client whose connection stays, which it otherwise would not know (RFC 9112
+/// 9.3); nothing for an HTTP/1.1 client that stays.
+fn connection_header(close: bool, http10: bool) -> &'static [u8] {
+    match (close, http10) {
+        (true, _) => b"Connection: close\r\n",
+        (false, true) => b"Connection: keep-alive\r\n",
+        (false, false) => b"",
+    }
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -416,7 +435,7 @@ impl Problem {
     }
 
     /// Appends the whole answer to `out`.
-    pub fn write(&self, request_id: &str, close: bool, out: &mut Vec<u8>) {
+    pub fn write(&self, request_id: &str, close: bool, http10: bool, out: &mut Vec<u8>) {
         let body = serde_json::json!({
             "type": format!("urn:certgate:problem:{}", self.code),
             "title": self.title,
@@ -428,15 +447,16 @@ impl Problem {
         .to_string();
         let _ = write!(
             Latin1(out),
-            "HTTP/1.1 {} {}\r\nContent-Type: application/problem+json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\n{}{}\r\n{}",
+            "HTTP/1.1 {} {}\r\nContent-Type: application/problem+json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\n{}",
             self.status,
             reason_phrase(self.status),
             body.len(),
             request_id,
             self.headers,
-            if close { "Connection: close\r\n" } else { "" },
-            body,
         );
+        out.extend_from_slice(connection_header(close, http10));
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body.as_bytes());
     }
 }
 
@@ -513,32 +533,47 @@ impl Body {
     /// Consumes body bytes from the front of `input`; returns how many belong to the body.
     /// Bytes after the end (a pipelined request) are left alone.
     pub fn advance(&mut self, input: &[u8]) -> Result<usize, ChunkError> {
-        self.advance_counting(input).map(|(consumed, _)| consumed)
+        self.advance_with(input, |_| {})
     }
 
     /// As [`Body::advance`], and also says how many of the consumed bytes are content, which
     /// for a chunked body leaves out the framing (the measure of a body size limit).
     pub fn advance_counting(&mut self, input: &[u8]) -> Result<(usize, u64), ChunkError> {
+        let mut content = 0;
+        let consumed = self.advance_with(input, |bytes| content += bytes.len() as u64)?;
+        Ok((consumed, content))
+    }
+
+    /// As [`Body::advance`], handing each run of content (a chunked body without its framing)
+    /// to `on_content`.
+    pub fn advance_with(
+        &mut self,
+        input: &[u8],
+        mut on_content: impl FnMut(&[u8]),
+    ) -> Result<usize, ChunkError> {
         match self {
-            Self::Done => Ok((0, 0)),
-            Self::UntilClose => Ok((input.len(), input.len() as u64)),
+            Self::Done => Ok(0),
+            Self::UntilClose => {
+                on_content(input);
+                Ok(input.len())
+            }
             Self::Length(left) => {
                 let n = (*left).min(input.len() as u64);
                 *left -= n;
                 if *left == 0 {
                     *self = Self::Done;
                 }
-                Ok((n as usize, n))
+                on_content(&input[..n as usize]);
+                Ok(n as usize)
             }
             Self::Chunked(state) => {
                 let mut i = 0;
-                let mut content = 0;
                 while i < input.len() {
                     if let Chunk::Data(left) = state {
                         let n = (*left).min((input.len() - i) as u64);
                         *left -= n;
+                        on_content(&input[i..i + n as usize]);
                         i += n as usize;
-                        content += n;
                         if *left == 0 {
                             *state = Chunk::DataCr;
                         }
@@ -550,11 +585,11 @@ impl Body {
                         Some(next) => *state = next,
                         None => {
                             *self = Self::Done;
-                            return Ok((i, content));
+                            return Ok(i);
                         }
                     }
                 }
-                Ok((i, content))
+                Ok(i)
             }
         }
     }
@@ -775,11 +810,19 @@ mod tests {
         assert_eq!(whole.advance(body), Ok(end));
         assert!(whole.is_done());
         let mut split = Body::new(Framing::Chunked);
-        let mut consumed = 0;
+        let (mut consumed, mut content) = (0, 0);
         for i in 0..body.len() {
-            consumed += split.advance(&body[i..i + 1]).unwrap();
+            let (n, c) = split.advance_counting(&body[i..i + 1]).unwrap();
+            consumed += n;
+            content += c;
         }
         assert_eq!(consumed, end);
+        // Only "hello" and "abc" count against a body limit, not the framing.
+        assert_eq!(content, 8);
+        assert_eq!(
+            Body::new(Framing::Chunked).advance_counting(body),
+            Ok((end, 8))
+        );
         assert!(split.is_done());
         for bad in [
             &b"x\r\n"[..],
@@ -806,12 +849,12 @@ mod tests {
         let mut head = ResponseHead::default();
         assert!(parse_response(raw, false, &mut head).unwrap());
         let mut out = Vec::new();
-        write_client_head(raw, &head, false, &mut out);
+        write_client_head(raw, &head, false, false, &mut out);
         assert_eq!(out, b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\n");
         let raw = "HTTP/1.1 200 \u{c7}a va\r\nX-Empty:\r\n\r\n".as_bytes();
         assert!(parse_response(raw, false, &mut head).unwrap());
         out.clear();
-        write_client_head(raw, &head, false, &mut out);
+        write_client_head(raw, &head, false, false, &mut out);
         assert!(out.starts_with(b"HTTP/1.1 200 "), "{out:?}");
         assert!(out.ends_with(b"\r\nX-Empty: \r\n\r\n"), "{out:?}");
     }
@@ -829,7 +872,7 @@ mod tests {
         let mut head = ResponseHead::default();
         assert!(parse_response(raw, false, &mut head).unwrap());
         let mut out = Vec::new();
-        write_client_head(raw, &head, false, &mut out);
+        write_client_head(raw, &head, false, false, &mut out);
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("Transfer-Encoding: chunked"));
@@ -843,7 +886,7 @@ mod tests {
         assert_eq!(head.framing, Some(Framing::Chunked));
         assert!(!head.keep_alive);
         let mut out = Vec::new();
-        write_client_head(raw, &head, true, &mut out);
+        write_client_head(raw, &head, true, false, &mut out);
         assert!(!String::from_utf8(out).unwrap().contains("Content-Length"));
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n";
         assert!(parse_response(raw, false, &mut head).unwrap());

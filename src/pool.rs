@@ -103,8 +103,9 @@ impl Pool {
         }
         let entry = self.parked.vacant_entry();
         let token = parked_token(entry.key());
+        // Only reading matters while parked: the backend closing, or sending out of turn.
         if registry
-            .reregister(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+            .reregister(&mut sock, token, Interest::READABLE)
             .is_err()
         {
             let _ = registry.deregister(&mut sock);
