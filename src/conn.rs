@@ -213,6 +213,8 @@ pub struct Conn {
     output: Vec<u8>,
     client_eof: bool,
     head: RequestHead,
+    /// When the first bytes of a head still incomplete arrived.
+    head_started: Option<Instant>,
     response_head: ResponseHead,
     phase: Phase,
     deadline: Instant,
@@ -238,6 +240,7 @@ impl Conn {
             output: Vec::new(),
             client_eof: false,
             head: RequestHead::default(),
+            head_started: None,
             response_head: ResponseHead::default(),
             phase: Phase::Handshaking,
             deadline,
@@ -509,7 +512,7 @@ impl Conn {
             return false;
         }
         match http::parse_request(&self.input, &mut self.head) {
-            Ok(true) => {}
+            Ok(true) => self.head_started = None,
             Ok(false) if self.input.len() > cx.limits.max_head => {
                 return self.refuse_unparsed(head_too_large(cx.limits.max_head), cx);
             }
@@ -518,7 +521,10 @@ impl Conn {
                     self.close(cx.now);
                     return true;
                 }
-                if self.deadline > cx.now + cx.limits.request_timeout {
+                // The head's own clock starts with its first bytes, whatever was left of
+                // the idle one.
+                if self.head_started.is_none() {
+                    self.head_started = Some(cx.now);
                     self.deadline = cx.now + cx.limits.request_timeout;
                 }
                 return false;
