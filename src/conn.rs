@@ -20,6 +20,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use rustls::ServerConnection;
 
+use crate::buf::ReadBuf;
 use crate::http::{self, Body, Forwarding, Framing, Problem, RequestHead, ResponseHead};
 use crate::policy::{self, ClientCert, Decision};
 use crate::pool::Pool;
@@ -156,7 +157,7 @@ struct Exchange {
     backend_keep_alive: bool,
     /// Interim (1xx) answers relayed so far.
     interim: u8,
-    from_backend: Vec<u8>,
+    from_backend: ReadBuf,
     backend_eof: bool,
     request: Body,
     /// Request body content received so far, against the body limit.
@@ -206,9 +207,9 @@ pub struct Conn {
     /// `Client-Cert` and `Client-Cert-Chain` values (RFC 9440) for the backend.
     cert_headers: Option<(String, Option<String>)>,
     /// Plaintext from the client not yet consumed.
-    input: Vec<u8>,
+    input: ReadBuf,
     /// The backend buffers, kept between exchanges so that requests reuse them.
-    spare_buffers: (Vec<u8>, Vec<u8>),
+    spare_buffers: (Vec<u8>, ReadBuf),
     /// Plaintext for the client not yet taken by rustls.
     output: Vec<u8>,
     client_eof: bool,
@@ -235,8 +236,8 @@ impl Conn {
             backend_token,
             client_cert: None,
             cert_headers: None,
-            input: Vec::new(),
-            spare_buffers: (Vec::new(), Vec::new()),
+            input: ReadBuf::default(),
+            spare_buffers: (Vec::new(), ReadBuf::default()),
             output: Vec::new(),
             client_eof: false,
             head: RequestHead::default(),
@@ -377,23 +378,18 @@ impl Conn {
         let mut progress = false;
         loop {
             if self.input.len() < BUFFER {
-                let start = self.input.len();
-                self.input.resize(BUFFER.min(start + 16 * 1024), 0);
-                let read = self.tls.reader().read(&mut self.input[start..]);
-                match read {
+                let tls = &mut self.tls;
+                match self.input.read_from(BUFFER, |room| tls.reader().read(room)) {
                     Ok(0) => {
-                        self.input.truncate(start);
                         self.client_eof = true;
                         return true;
                     }
-                    Ok(n) => {
-                        self.input.truncate(start + n);
+                    Ok(_) => {
                         progress = true;
                         continue;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.input.truncate(start),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(_) => {
-                        self.input.truncate(start);
                         self.client_eof = true;
                         return true;
                     }
@@ -562,7 +558,7 @@ impl Conn {
         let close = has_body || !self.head.keep_alive || cx.draining;
         let http10 = self.head.minor_version == 0;
         refusal.write(request_id.as_str(), close, http10, &mut self.output);
-        self.input.drain(..self.head.len);
+        self.input.consume(self.head.len);
         self.next_request_or_close(close, cx);
         true
     }
@@ -655,7 +651,7 @@ impl Conn {
             Some(reused) => Ok(reused),
             None => connect_any(&addrs, 0, cx.registry, self.backend_token),
         };
-        self.input.drain(..self.head.len);
+        self.input.consume(self.head.len);
         let (backend, addr) = match fresh {
             Ok(fresh) => fresh,
             Err(detail) => {
@@ -741,7 +737,7 @@ impl Conn {
                         return self.fail_exchange(body_too_large(cx.limits.max_body), cx);
                     }
                     ex.to_backend.extend_from_slice(&self.input[..n]);
-                    self.input.drain(..n);
+                    self.input.consume(n);
                     progress |= n > 0;
                 }
                 Err(e) => {
@@ -839,7 +835,7 @@ impl Conn {
                         let out = &mut self.output;
                         http::write_client_head(&ex.from_backend, head, false, false, out);
                     }
-                    ex.from_backend.drain(..head.len);
+                    ex.from_backend.consume(head.len);
                     return true;
                 }
                 let framing = head.framing.unwrap_or(Framing::None);
@@ -853,7 +849,7 @@ impl Conn {
                 ex.backend_keep_alive = head.keep_alive && framing != Framing::UntilClose;
                 let out = &mut self.output;
                 http::write_client_head(&ex.from_backend, head, ex.close, http10, out);
-                ex.from_backend.drain(..head.len);
+                ex.from_backend.consume(head.len);
                 ex.response = Response::Body {
                     body: Body::new(framing),
                     decode,
@@ -874,7 +870,7 @@ impl Conn {
                     };
                     match relayed {
                         Ok(n) => {
-                            ex.from_backend.drain(..n);
+                            ex.from_backend.consume(n);
                             progress = n > 0;
                         }
                         Err(_) => {
@@ -1151,21 +1147,14 @@ fn write_backend(ex: &mut Exchange) -> io::Result<bool> {
 fn read_backend(ex: &mut Exchange) -> io::Result<bool> {
     let mut progress = false;
     while !ex.backend_eof && ex.from_backend.len() < BUFFER {
-        let start = ex.from_backend.len();
-        ex.from_backend.resize(BUFFER.min(start + 16 * 1024), 0);
-        let read = ex.backend.read(&mut ex.from_backend[start..]);
-        match read {
+        let backend = &mut ex.backend;
+        match ex.from_backend.read_from(BUFFER, |room| backend.read(room)) {
             Ok(0) => {
-                ex.from_backend.truncate(start);
                 ex.backend_eof = true;
                 progress = true;
             }
-            Ok(n) => {
-                ex.from_backend.truncate(start + n);
-                progress = true;
-            }
+            Ok(_) => progress = true,
             Err(e) => {
-                ex.from_backend.truncate(start);
                 match e.kind() {
                     io::ErrorKind::WouldBlock => break,
                     io::ErrorKind::Interrupted => {}

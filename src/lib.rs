@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`buf`]: the buffer connections read into, zeroed once rather than before every read.
 //! - [`model`]: the configuration as plain values (APIs, resources, certificate entries, tiers)
 //!   and the parsing of user-facing strings such as backend URLs and path templates.
 //! - [`store`]: the SQLite file; the only module that touches rusqlite.
@@ -18,6 +19,7 @@
 //!
 //! `ARCHITECTURE.md` traces a request's life through these modules.
 
+pub mod buf;
 pub mod certs;
 pub mod cli;
 pub mod conn;
