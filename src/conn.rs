@@ -159,6 +159,10 @@ struct Exchange {
     interim: u8,
     from_backend: ReadBuf,
     backend_eof: bool,
+    /// Readiness of the backend socket, as for the client's.
+    backend_readable: bool,
+    backend_writable: bool,
+    backend_read_closed: bool,
     request: Body,
     /// Request body content received so far, against the body limit.
     request_bytes: u64,
@@ -173,6 +177,19 @@ struct Exchange {
     backend_moved: Instant,
     /// What the connection's deadline is waiting for.
     wait: Wait,
+}
+
+impl Exchange {
+    /// Starts over on `sock`, a connect to `addrs[addr]` in progress.
+    fn connecting(&mut self, sock: TcpStream, addr: usize, now: Instant) {
+        self.backend = sock;
+        self.addr = addr;
+        self.connected = false;
+        self.connect_started = now;
+        self.backend_readable = true;
+        self.backend_writable = true;
+        self.backend_read_closed = false;
+    }
 }
 
 enum Response {
@@ -213,6 +230,14 @@ pub struct Conn {
     /// Plaintext for the client not yet taken by rustls.
     output: Vec<u8>,
     client_eof: bool,
+    /// Readiness of the client socket as events reported it: set by an event, cleared when an
+    /// operation would block. Edge-triggered events come again only after such a block, so an
+    /// operation is tried only when it can move bytes.
+    client_readable: bool,
+    client_writable: bool,
+    /// The peer shut its side (an event said so): read on to the end, whatever the size of
+    /// the last read.
+    client_read_closed: bool,
     head: RequestHead,
     /// When the first bytes of a head still incomplete arrived.
     head_started: Option<Instant>,
@@ -240,6 +265,9 @@ impl Conn {
             spare_buffers: (Vec::new(), ReadBuf::default()),
             output: Vec::new(),
             client_eof: false,
+            client_readable: true,
+            client_writable: true,
+            client_read_closed: false,
             head: RequestHead::default(),
             head_started: None,
             response_head: ResponseHead::default(),
@@ -269,6 +297,21 @@ impl Conn {
         self.deadline
     }
 
+    /// Notes what an event reported for one of the connection's sockets.
+    pub fn ready(&mut self, token: Token, readiness: Readiness) {
+        if token == self.backend_token {
+            if let Phase::Proxying(ex) = &mut self.phase {
+                ex.backend_readable |= readiness.readable;
+                ex.backend_writable |= readiness.writable;
+                ex.backend_read_closed |= readiness.read_closed;
+            }
+        } else {
+            self.client_readable |= readiness.readable;
+            self.client_writable |= readiness.writable;
+            self.client_read_closed |= readiness.read_closed;
+        }
+    }
+
     /// Moves bytes until nothing more can move, or until the round budget is spent: then it
     /// returns true and the loop must call it again soon, as no new readiness event will come
     /// for bytes already waiting.
@@ -277,7 +320,9 @@ impl Conn {
         for _ in 0..ROUNDS {
             let read = self.read_client();
             let advanced = self.advance(cx);
-            let flushed = self.flush_client();
+            // While the exchange moves on, its output gathers: one TLS record and one write for
+            // a head and body that arrived together, rather than one each.
+            let flushed = !advanced && self.flush_client();
             if matches!(self.phase, Phase::Closed) {
                 self.release(cx.registry);
                 return false;
@@ -319,9 +364,7 @@ impl Conn {
                     let next = connect_any(&ex.addrs, ex.addr + 1, cx.registry, self.backend_token);
                     let failed = ex.addrs[ex.addr];
                     if let Ok((sock, i)) = next {
-                        ex.backend = sock;
-                        ex.addr = i;
-                        ex.connect_started = cx.now;
+                        ex.connecting(sock, i, cx.now);
                         self.phase = Phase::Proxying(ex);
                     } else {
                         self.phase = Phase::Proxying(ex);
@@ -395,15 +438,23 @@ impl Conn {
                     }
                 }
             }
-            if !self.tls.wants_read() {
+            if !self.tls.wants_read() || !self.client_readable {
                 return progress;
             }
-            match self.tls.read_tls(&mut self.sock) {
+            let mut sock = ShortReads {
+                sock: &mut self.sock,
+                short: false,
+            };
+            match self.tls.read_tls(&mut sock) {
                 Ok(0) => {
                     self.client_eof = true;
                     return true;
                 }
                 Ok(_) => {
+                    // A short read emptied the socket: the next bytes come with a new event.
+                    if sock.short && !self.client_read_closed {
+                        self.client_readable = false;
+                    }
                     progress = true;
                     if self.tls.process_new_packets().is_err() {
                         // rustls queued an alert; send it and go.
@@ -412,7 +463,10 @@ impl Conn {
                         return true;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return progress,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.client_readable = false;
+                    return progress;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.phase = Phase::Closed;
@@ -437,10 +491,10 @@ impl Conn {
                 _ => {}
             }
         }
-        while self.tls.wants_write() {
+        while self.tls.wants_write() && self.client_writable {
             match self.tls.write_tls(&mut self.sock) {
                 Ok(_) => progress = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.client_writable = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.phase = Phase::Closed;
@@ -680,6 +734,9 @@ impl Conn {
             interim: 0,
             from_backend,
             backend_eof: false,
+            backend_readable: true,
+            backend_writable: true,
+            backend_read_closed: false,
             request: Body::new(framing),
             request_bytes: 0,
             response: Response::Head,
@@ -712,9 +769,7 @@ impl Conn {
                     let failed = ex.addrs[ex.addr];
                     match connect_any(&ex.addrs, ex.addr + 1, cx.registry, self.backend_token) {
                         Ok((sock, i)) => {
-                            ex.backend = sock;
-                            ex.addr = i;
-                            ex.connect_started = cx.now;
+                            ex.connecting(sock, i, cx.now);
                             return true;
                         }
                         Err(_) => {
@@ -933,10 +988,7 @@ impl Conn {
             if ex.retryable && ex.from_backend.is_empty() && matches!(ex.response, Response::Head) {
                 let _ = cx.registry.deregister(&mut ex.backend);
                 if let Ok((sock, i)) = connect_any(&ex.addrs, 0, cx.registry, self.backend_token) {
-                    ex.backend = sock;
-                    ex.addr = i;
-                    ex.connected = false;
-                    ex.connect_started = cx.now;
+                    ex.connecting(sock, i, cx.now);
                     ex.retryable = false;
                     ex.sent = 0;
                     ex.backend_eof = false;
@@ -1124,14 +1176,14 @@ fn connect_result(sock: &TcpStream) -> io::Result<bool> {
 
 fn write_backend(ex: &mut Exchange) -> io::Result<bool> {
     let mut written = 0;
-    while ex.sent < ex.to_backend.len() {
+    while ex.sent < ex.to_backend.len() && ex.backend_writable {
         match ex.backend.write(&ex.to_backend[ex.sent..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 ex.sent += n;
                 written += n;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ex.backend_writable = false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -1146,17 +1198,26 @@ fn write_backend(ex: &mut Exchange) -> io::Result<bool> {
 
 fn read_backend(ex: &mut Exchange) -> io::Result<bool> {
     let mut progress = false;
-    while !ex.backend_eof && ex.from_backend.len() < BUFFER {
-        let backend = &mut ex.backend;
-        match ex.from_backend.read_from(BUFFER, |room| backend.read(room)) {
+    while !ex.backend_eof && ex.from_backend.len() < BUFFER && ex.backend_readable {
+        let mut sock = ShortReads {
+            sock: &mut ex.backend,
+            short: false,
+        };
+        match ex.from_backend.read_from(BUFFER, |room| sock.read(room)) {
             Ok(0) => {
                 ex.backend_eof = true;
                 progress = true;
             }
-            Ok(_) => progress = true,
+            Ok(_) => {
+                // As for the client: a short read emptied the socket.
+                if sock.short && !ex.backend_read_closed {
+                    ex.backend_readable = false;
+                }
+                progress = true;
+            }
             Err(e) => {
                 match e.kind() {
-                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::WouldBlock => ex.backend_readable = false,
                     io::ErrorKind::Interrupted => {}
                     _ if progress || !ex.from_backend.is_empty() => {
                         // Data arrived before the reset: relay it, then treat as closed.
@@ -1168,6 +1229,32 @@ fn read_backend(ex: &mut Exchange) -> io::Result<bool> {
         }
     }
     Ok(progress)
+}
+
+/// What an event reported for a socket.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer shut its writing side (or the connection failed).
+    pub read_closed: bool,
+}
+
+/// A socket that notes whether its last read returned less than asked for. On a stream socket
+/// that means the receive queue was emptied, so, unless the peer has shut its side, reading
+/// again would only find `WouldBlock`: data that arrives later raises a new edge-triggered
+/// event. (nginx reads the same way with epoll.)
+struct ShortReads<'a> {
+    sock: &'a mut TcpStream,
+    short: bool,
+}
+
+impl Read for ShortReads<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.short = n < buf.len();
+        Ok(n)
+    }
 }
 
 fn head_too_large(max_head: usize) -> Problem {

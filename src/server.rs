@@ -24,7 +24,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use thiserror::Error;
 
-use crate::conn::{Conn, Context, Limits, RequestIds};
+use crate::conn::{Conn, Context, Limits, Readiness, RequestIds};
 use crate::model::Config;
 use crate::pool::{self, Owner, Pool};
 use crate::snapshot::Snapshot;
@@ -179,7 +179,12 @@ impl Server {
                         self.accept(LISTENERS - t);
                     }
                     token => match pool::owner(token) {
-                        Owner::Conn(key) => self.service(key, false, &mut closed),
+                        Owner::Conn(key) => {
+                            if let Some(conn) = self.conns.get_mut(key) {
+                                conn.ready(token, readiness(event));
+                            }
+                            self.service(key, false, &mut closed);
+                        }
                         Owner::Parked(key) => self.pool.on_event(key, self.poll.registry()),
                     },
                 }
@@ -426,6 +431,16 @@ fn resolve_backends(config: &Config) -> HashMap<String, Vec<SocketAddr>> {
         }
     }
     resolved
+}
+
+fn readiness(event: &mio::event::Event) -> Readiness {
+    let failed = event.is_error();
+    let read_closed = event.is_read_closed() || failed;
+    Readiness {
+        readable: event.is_readable() || read_closed,
+        writable: event.is_writable() || event.is_write_closed() || failed,
+        read_closed,
+    }
 }
 
 fn unix_now() -> i64 {
