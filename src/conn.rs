@@ -17,7 +17,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
-use mio::{Interest, Registry, Token};
+use mio::Registry;
 use rustls::ServerConnection;
 
 use crate::buf::ReadBuf;
@@ -140,7 +140,7 @@ enum Phase {
 
 /// One request on its way to the backend and its answer on the way back.
 struct Exchange {
-    backend: TcpStream,
+    /// The backend connection (the connection's lease from the pool) has finished connecting.
     connected: bool,
     addrs: Rc<[SocketAddr]>,
     /// Index in `addrs` of the address being tried.
@@ -180,9 +180,8 @@ struct Exchange {
 }
 
 impl Exchange {
-    /// Starts over on `sock`, a connect to `addrs[addr]` in progress.
-    fn connecting(&mut self, sock: TcpStream, addr: usize, now: Instant) {
-        self.backend = sock;
+    /// Starts over on a new backend connection, a connect to `addrs[addr]` in progress.
+    fn connecting(&mut self, addr: usize, now: Instant) {
         self.addr = addr;
         self.connected = false;
         self.connect_started = now;
@@ -219,7 +218,10 @@ pub struct Conn {
     sock: TcpStream,
     tls: ServerConnection,
     peer: SocketAddr,
-    backend_token: Token,
+    /// Its key in the loop's slab: what the pool knows it by.
+    key: usize,
+    /// The backend connection leased from the pool while an exchange runs.
+    backend: Option<usize>,
     client_cert: Option<ClientCert>,
     /// `Client-Cert` and `Client-Cert-Chain` values (RFC 9440) for the backend.
     cert_headers: Option<(String, Option<String>)>,
@@ -251,14 +253,15 @@ impl Conn {
         sock: TcpStream,
         tls: ServerConnection,
         peer: SocketAddr,
-        backend_token: Token,
+        key: usize,
         deadline: Instant,
     ) -> Self {
         Self {
             sock,
             tls,
             peer,
-            backend_token,
+            key,
+            backend: None,
             client_cert: None,
             cert_headers: None,
             input: ReadBuf::default(),
@@ -297,18 +300,19 @@ impl Conn {
         self.deadline
     }
 
-    /// Notes what an event reported for one of the connection's sockets.
-    pub fn ready(&mut self, token: Token, readiness: Readiness) {
-        if token == self.backend_token {
-            if let Phase::Proxying(ex) = &mut self.phase {
-                ex.backend_readable |= readiness.readable;
-                ex.backend_writable |= readiness.writable;
-                ex.backend_read_closed |= readiness.read_closed;
-            }
-        } else {
-            self.client_readable |= readiness.readable;
-            self.client_writable |= readiness.writable;
-            self.client_read_closed |= readiness.read_closed;
+    /// Notes what an event reported for the client socket.
+    pub fn client_ready(&mut self, readiness: Readiness) {
+        self.client_readable |= readiness.readable;
+        self.client_writable |= readiness.writable;
+        self.client_read_closed |= readiness.read_closed;
+    }
+
+    /// Notes what an event reported for the backend connection it leases.
+    pub fn backend_ready(&mut self, readiness: Readiness) {
+        if let Phase::Proxying(ex) = &mut self.phase {
+            ex.backend_readable |= readiness.readable;
+            ex.backend_writable |= readiness.writable;
+            ex.backend_read_closed |= readiness.read_closed;
         }
     }
 
@@ -324,7 +328,7 @@ impl Conn {
             // a head and body that arrived together, rather than one each.
             let flushed = !advanced && self.flush_client();
             if matches!(self.phase, Phase::Closed) {
-                self.release(cx.registry);
+                self.release(cx);
                 return false;
             }
             if let Phase::Proxying(ex) = &mut self.phase {
@@ -360,11 +364,11 @@ impl Conn {
             Phase::ReadingHead => self.close(cx.now),
             Phase::Proxying(mut ex) => match ex.wait {
                 Wait::Connect => {
-                    let _ = cx.registry.deregister(&mut ex.backend);
-                    let next = connect_any(&ex.addrs, ex.addr + 1, cx.registry, self.backend_token);
                     let failed = ex.addrs[ex.addr];
-                    if let Ok((sock, i)) = next {
-                        ex.connecting(sock, i, cx.now);
+                    let next =
+                        connect_backend(&mut self.backend, self.key, &ex.addrs, ex.addr + 1, cx);
+                    if let Ok(i) = next {
+                        ex.connecting(i, cx.now);
                         self.phase = Phase::Proxying(ex);
                     } else {
                         self.phase = Phase::Proxying(ex);
@@ -698,16 +702,20 @@ impl Conn {
         };
         let retryable = http::is_idempotent(method) && fits;
         let addrs = Rc::clone(&view.addrs);
-        let reused = cx.pool.checkout(&addrs, cx.registry, self.backend_token);
+        close_backend(&mut self.backend, cx);
+        let reused = cx.pool.checkout(&addrs, self.key, cx.registry);
         let connected = reused.is_some();
         let retryable = retryable && connected;
         let fresh = match reused {
-            Some(reused) => Ok(reused),
-            None => connect_any(&addrs, 0, cx.registry, self.backend_token),
+            Some((backend, addr)) => {
+                self.backend = Some(backend);
+                Ok(addr)
+            }
+            None => connect_backend(&mut self.backend, self.key, &addrs, 0, cx),
         };
         self.input.consume(self.head.len);
-        let (backend, addr) = match fresh {
-            Ok(fresh) => fresh,
+        let addr = match fresh {
+            Ok(addr) => addr,
             Err(detail) => {
                 self.spare_buffers = (to_backend, from_backend);
                 let close = close || framing != Framing::None;
@@ -723,7 +731,6 @@ impl Conn {
                 .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
         self.phase = Phase::Proxying(Exchange {
-            backend,
             connected,
             addrs,
             addr,
@@ -757,7 +764,7 @@ impl Conn {
         };
         let mut progress = false;
         if !ex.connected {
-            match connect_result(&ex.backend) {
+            match with_backend(self.backend, cx, |sock| connect_result(sock)) {
                 Ok(true) => {
                     ex.connected = true;
                     ex.backend_moved = cx.now;
@@ -765,11 +772,10 @@ impl Conn {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    let _ = cx.registry.deregister(&mut ex.backend);
                     let failed = ex.addrs[ex.addr];
-                    match connect_any(&ex.addrs, ex.addr + 1, cx.registry, self.backend_token) {
-                        Ok((sock, i)) => {
-                            ex.connecting(sock, i, cx.now);
+                    match connect_backend(&mut self.backend, self.key, &ex.addrs, ex.addr + 1, cx) {
+                        Ok(i) => {
+                            ex.connecting(i, cx.now);
                             return true;
                         }
                         Err(_) => {
@@ -803,12 +809,11 @@ impl Conn {
         }
         if !ex.request.is_done() && self.client_eof && self.input.is_empty() {
             // The client went away in the middle of its request.
-            let _ = cx.registry.deregister(&mut ex.backend);
             self.phase = Phase::Closed;
             return true;
         }
         if ex.connected {
-            match write_backend(ex) {
+            match with_backend(self.backend, cx, |sock| write_backend(ex, sock)) {
                 Ok(moved) => {
                     if moved {
                         ex.backend_moved = cx.now;
@@ -821,7 +826,7 @@ impl Conn {
                     return self.backend_failed(detail, cx);
                 }
             }
-            match read_backend(ex) {
+            match with_backend(self.backend, cx, |sock| read_backend(ex, sock)) {
                 Ok(moved) => {
                     if moved {
                         ex.backend_moved = cx.now;
@@ -930,7 +935,6 @@ impl Conn {
                         }
                         Err(_) => {
                             // Part of the answer is out: all that is left is to close.
-                            let _ = cx.registry.deregister(&mut ex.backend);
                             self.phase = Phase::Closed;
                             return true;
                         }
@@ -945,7 +949,6 @@ impl Conn {
                         ex.response = Response::Done;
                     } else {
                         // Truncated: the client must not take it for the whole answer.
-                        let _ = cx.registry.deregister(&mut ex.backend);
                         self.phase = Phase::Closed;
                     }
                     return true;
@@ -962,7 +965,7 @@ impl Conn {
         if !matches!(&self.phase, Phase::Proxying(ex) if matches!(ex.response, Response::Done)) {
             return false;
         }
-        let Phase::Proxying(mut ex) = mem::replace(&mut self.phase, Phase::ReadingHead) else {
+        let Phase::Proxying(ex) = mem::replace(&mut self.phase, Phase::ReadingHead) else {
             return false;
         };
         let close = ex.close || !ex.request.is_done();
@@ -970,11 +973,10 @@ impl Conn {
             && !ex.backend_eof
             && ex.from_backend.is_empty()
             && ex.sent == ex.to_backend.len();
-        if reusable {
-            cx.pool
-                .park(ex.backend, ex.addrs[ex.addr], cx.now, cx.registry);
-        } else {
-            let _ = cx.registry.deregister(&mut ex.backend);
+        match self.backend.take() {
+            Some(backend) if reusable => cx.pool.park(backend, cx.now, cx.registry),
+            Some(backend) => cx.pool.close(backend, cx.registry),
+            None => {}
         }
         self.spare_buffers = (ex.to_backend, ex.from_backend);
         self.next_request_or_close(close, cx);
@@ -986,9 +988,9 @@ impl Conn {
     fn backend_failed(&mut self, detail: String, cx: &mut Context<'_>) -> bool {
         if let Phase::Proxying(ex) = &mut self.phase {
             if ex.retryable && ex.from_backend.is_empty() && matches!(ex.response, Response::Head) {
-                let _ = cx.registry.deregister(&mut ex.backend);
-                if let Ok((sock, i)) = connect_any(&ex.addrs, 0, cx.registry, self.backend_token) {
-                    ex.connecting(sock, i, cx.now);
+                let fresh = connect_backend(&mut self.backend, self.key, &ex.addrs, 0, cx);
+                if let Ok(i) = fresh {
+                    ex.connecting(i, cx.now);
                     ex.retryable = false;
                     ex.sent = 0;
                     ex.backend_eof = false;
@@ -1005,7 +1007,7 @@ impl Conn {
         let Phase::Proxying(mut ex) = mem::replace(&mut self.phase, Phase::Closed) else {
             return true;
         };
-        let _ = cx.registry.deregister(&mut ex.backend);
+        close_backend(&mut self.backend, cx);
         self.spare_buffers = (
             mem::take(&mut ex.to_backend),
             mem::take(&mut ex.from_backend),
@@ -1103,9 +1105,11 @@ impl Conn {
         }
     }
 
-    /// Deregisters what is still registered; the loop drops the connection after this batch.
-    fn release(&mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut self.sock);
+    /// Deregisters what is still registered and closes the backend connection it leased; the
+    /// loop drops the connection after this batch.
+    fn release(&mut self, cx: &mut Context<'_>) {
+        let _ = cx.registry.deregister(&mut self.sock);
+        close_backend(&mut self.backend, cx);
     }
 }
 
@@ -1137,29 +1141,47 @@ fn client_cert(der: &rustls::pki_types::CertificateDer<'_>) -> ClientCert {
     ClientCert { sha256, subject }
 }
 
-/// Connects to the first address from `first` on that accepts at once (or starts to); the error
-/// detail names the last one tried.
-fn connect_any(
+/// Connects to the first of `addrs` from `first` on that accepts at once (or starts to) as the
+/// backend connection in `slot`, closing the one there; says which address. The error detail
+/// names the last address tried.
+fn connect_backend(
+    slot: &mut Option<usize>,
+    owner: usize,
     addrs: &[SocketAddr],
     first: usize,
-    registry: &Registry,
-    token: Token,
-) -> Result<(TcpStream, usize), String> {
+    cx: &mut Context<'_>,
+) -> Result<usize, String> {
+    close_backend(slot, cx);
     let mut failure = "the backend has no address".to_owned();
     for (i, addr) in addrs.iter().enumerate().skip(first) {
-        match connect(*addr, registry, token) {
-            Ok(sock) => return Ok((sock, i)),
+        match cx.pool.connect(*addr, owner, cx.registry) {
+            Ok(backend) => {
+                *slot = Some(backend);
+                return Ok(i);
+            }
             Err(e) => failure = format!("cannot connect to the backend at {addr}: {e}"),
         }
     }
     Err(failure)
 }
 
-fn connect(addr: SocketAddr, registry: &Registry, token: Token) -> io::Result<TcpStream> {
-    let mut sock = TcpStream::connect(addr)?;
-    sock.set_nodelay(true)?;
-    registry.register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)?;
-    Ok(sock)
+fn close_backend(slot: &mut Option<usize>, cx: &mut Context<'_>) {
+    if let Some(backend) = slot.take() {
+        cx.pool.close(backend, cx.registry);
+    }
+}
+
+/// Runs `f` on the leased backend socket; a lease the pool does not know reads as a connection
+/// that is gone.
+fn with_backend<T>(
+    backend: Option<usize>,
+    cx: &mut Context<'_>,
+    f: impl FnOnce(&mut TcpStream) -> io::Result<T>,
+) -> io::Result<T> {
+    match backend.and_then(|key| cx.pool.sock(key)) {
+        Some(sock) => f(sock),
+        None => Err(io::ErrorKind::NotConnected.into()),
+    }
 }
 
 /// Whether a non-blocking connect has finished: `Ok(false)` while it is in progress.
@@ -1174,10 +1196,10 @@ fn connect_result(sock: &TcpStream) -> io::Result<bool> {
     }
 }
 
-fn write_backend(ex: &mut Exchange) -> io::Result<bool> {
+fn write_backend(ex: &mut Exchange, sock: &mut TcpStream) -> io::Result<bool> {
     let mut written = 0;
     while ex.sent < ex.to_backend.len() && ex.backend_writable {
-        match ex.backend.write(&ex.to_backend[ex.sent..]) {
+        match sock.write(&ex.to_backend[ex.sent..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 ex.sent += n;
@@ -1196,11 +1218,11 @@ fn write_backend(ex: &mut Exchange) -> io::Result<bool> {
     Ok(written > 0)
 }
 
-fn read_backend(ex: &mut Exchange) -> io::Result<bool> {
+fn read_backend(ex: &mut Exchange, sock: &mut TcpStream) -> io::Result<bool> {
     let mut progress = false;
     while !ex.backend_eof && ex.from_backend.len() < BUFFER && ex.backend_readable {
         let mut sock = ShortReads {
-            sock: &mut ex.backend,
+            sock: &mut *sock,
             short: false,
         };
         match ex.from_backend.read_from(BUFFER, |room| sock.read(room)) {

@@ -1,9 +1,9 @@
 //! The mio event loop: one thread, listeners, client and backend sockets, signals, timers and
 //! snapshot reloads.
 //!
-//! Tokens: connection `k` of the slab owns `Token(3k)` for its client socket and `Token(3k + 1)`
-//! for its backend socket, a parked backend connection `p` of the pool `Token(3p + 2)`
-//! ([`crate::pool`]); listeners and the signal pipe use tokens from the top of the range.
+//! Tokens: client connection `k` of the slab has `Token(2k)`, backend connection `b` of the pool
+//! `Token(2b + 1)` whichever client connection leases it ([`crate::pool`]); listeners and the
+//! signal pipe use tokens from the top of the range.
 //! A closed connection leaves the slab only after the batch of events it was closed in, so a
 //! token is never reused while events for its old owner may still be pending.
 //!
@@ -26,7 +26,7 @@ use thiserror::Error;
 
 use crate::conn::{Conn, Context, Limits, Readiness, RequestIds};
 use crate::model::Config;
-use crate::pool::{self, Owner, Pool};
+use crate::pool::{self, Owner, Pool, Use};
 use crate::snapshot::Snapshot;
 use crate::store::Store;
 use crate::tls::{SessionState, TlsError};
@@ -179,13 +179,24 @@ impl Server {
                         self.accept(LISTENERS - t);
                     }
                     token => match pool::owner(token) {
-                        Owner::Conn(key) => {
+                        Owner::Client(key) => {
                             if let Some(conn) = self.conns.get_mut(key) {
-                                conn.ready(token, readiness(event));
+                                conn.client_ready(readiness(event));
                             }
                             self.service(key, false, &mut closed);
                         }
-                        Owner::Parked(key) => self.pool.on_event(key, self.poll.registry()),
+                        Owner::Backend(backend) => match self.pool.used(backend) {
+                            Some(Use::Leased(key)) => {
+                                if let Some(conn) = self.conns.get_mut(key) {
+                                    conn.backend_ready(readiness(event));
+                                }
+                                self.service(key, false, &mut closed);
+                            }
+                            Some(Use::Parked(_)) => {
+                                self.pool.on_parked_event(backend, self.poll.registry());
+                            }
+                            None => {}
+                        },
                     },
                 }
             }
@@ -311,8 +322,7 @@ impl Server {
                 continue;
             }
             let deadline = Instant::now() + self.options.limits.handshake_timeout;
-            let backend = pool::backend_token(key);
-            entry.insert(Conn::new(sock, tls, peer, backend, deadline));
+            entry.insert(Conn::new(sock, tls, peer, key, deadline));
         }
     }
 

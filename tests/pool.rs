@@ -377,3 +377,46 @@ fn a_request_is_retried_only_once() {
     );
     gw.assert_running();
 }
+
+/// Open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn no_socket_is_left_behind_however_exchanges_end() {
+    let backend = Backend::start();
+    let gw = Gateway::pizzashack(&backend, &["--backend-timeout", "0.3"]);
+    // Warm up: one parked backend connection, then the baseline.
+    assert_eq!(gw.client(Some("client-a")).get(GET).status, 200);
+    let baseline = open_fds(gw.pid());
+    for _ in 0..10 {
+        // Clients that go away in the middle of an upload.
+        let mut client = gw.client(Some("client-a"));
+        let head =
+            format!("PUT {GET} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n");
+        client.send(head.as_bytes()).unwrap();
+        client.send(&[b'x'; 5000]).unwrap();
+        drop(client);
+        // Clients that go away while the backend thinks.
+        let mut client = gw.client(Some("client-a"));
+        let slow = format!("GET /pizzashack/1.0.0/slow?ms=200 HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        client.send(slow.as_bytes()).unwrap();
+        drop(client);
+        // Backends too slow: 504, the backend connection closed.
+        let mut client = gw.client(Some("client-a"));
+        let response = client.get("/pizzashack/1.0.0/slow?ms=1000");
+        assert_eq!(response.status, 504);
+        // And plain requests on connections of their own.
+        assert_eq!(gw.client(Some("client-a")).get(GET).status, 200);
+    }
+    // Once every exchange has ended, only what the pool parks is left (a few connections to
+    // the backend, each one socket).
+    common::eventually("the gateway's sockets are back to the baseline", || {
+        let now = open_fds(gw.pid());
+        (now <= baseline + 3).then_some(())
+    });
+    assert_eq!(gw.client(Some("client-a")).get(GET).status, 200);
+}
