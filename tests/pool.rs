@@ -402,7 +402,7 @@ fn no_socket_is_left_behind_however_exchanges_end() {
         drop(client);
         // Clients that go away while the backend thinks.
         let mut client = gw.client(Some("client-a"));
-        let slow = format!("GET /pizzashack/1.0.0/slow?ms=200 HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let slow = "GET /pizzashack/1.0.0/slow?ms=200 HTTP/1.1\r\nHost: localhost\r\n\r\n";
         client.send(slow.as_bytes()).unwrap();
         drop(client);
         // Backends too slow: 504, the backend connection closed.
