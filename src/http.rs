@@ -675,18 +675,34 @@ fn last_coding_is_chunked(value: &[u8]) -> Result<bool, HeadError> {
 /// `.` or `..` segments, also percent-encoded, would let a client reach backend paths outside the
 /// API's prefix; nginx normalises them, certgate refuses them.
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|s| {
-        let lower = s.to_ascii_lowercase();
-        matches!(
-            lower.as_str(),
-            "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."
-        )
+    const DOT_SEGMENTS: [&str; 6] = [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."];
+    path.split('/').any(|segment| {
+        DOT_SEGMENTS
+            .iter()
+            .any(|dots| segment.eq_ignore_ascii_case(dots))
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_are_found_also_percent_encoded() {
+        for path in [
+            "/a/./b",
+            "/a/..",
+            "/%2E%2e/x",
+            "/a/.%2E",
+            "/%2e./b",
+            "/a/%2e",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in ["/a/b", "/a/.b", "/a/...", "/a/%2ex", "/.well-known/x"] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
 
     fn forwarding(rest: &[u8]) -> Forwarding<'_> {
         Forwarding {
