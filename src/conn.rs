@@ -906,7 +906,10 @@ impl Conn {
                     || decode
                     || cx.draining
                     || !ex.request.is_done();
-                ex.backend_keep_alive = head.keep_alive && framing != Framing::UntilClose;
+                // A request that went upstream as HTTP/1.0 did not ask to keep the connection:
+                // the backend closes it whatever its answer says.
+                ex.backend_keep_alive =
+                    head.keep_alive && framing != Framing::UntilClose && !http10;
                 let out = &mut self.output;
                 http::write_client_head(&ex.from_backend, head, ex.close, http10, out);
                 ex.from_backend.consume(head.len);

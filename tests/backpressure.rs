@@ -38,17 +38,6 @@ fn connect(gw: &Gateway) -> TlsStream {
     stream
 }
 
-/// A value of `/proc/PID/status` in KiB, e.g. `VmHWM` (peak resident set) or `VmRSS`.
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.trim().strip_suffix("kB"))
-        .and_then(|kib| kib.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{status}"))
-}
-
 /// Reads a message head (up to the blank line) from `stream`; what came after it is returned
 /// too. Returns the status code (responses) or method (requests) and the headers.
 fn read_head(stream: &mut impl Read, response: bool) -> (String, Vec<(String, String)>, Vec<u8>) {
@@ -137,7 +126,7 @@ fn a_slow_client_download_keeps_the_gateway_memory_bounded() {
     let backend = Backend::start();
     let gw = Gateway::pizzashack(&backend, &[]);
     let pid = gw.pid();
-    let idle = proc_status_kib(pid, "VmHWM");
+    let idle = common::proc_status_kib(pid, "VmHWM");
     let started = Instant::now();
 
     let mut stream = connect(&gw);
@@ -151,7 +140,7 @@ fn a_slow_client_download_keeps_the_gateway_memory_bounded() {
     // The answer is flowing; nothing more is read for a second, so the backend's, the
     // gateway's and the kernel's buffers fill.
     thread::sleep(Duration::from_secs(1));
-    let stalled = proc_status_kib(pid, "VmHWM");
+    let stalled = common::proc_status_kib(pid, "VmHWM");
     assert_pattern_at(0, &body);
     let mut received = body.len();
     body.clear();
@@ -177,11 +166,11 @@ fn a_slow_client_download_keeps_the_gateway_memory_bounded() {
         }
     }
     let elapsed = started.elapsed();
-    let peak = proc_status_kib(pid, "VmHWM");
+    let peak = common::proc_status_kib(pid, "VmHWM");
     eprintln!(
         "download of {SIZE} bytes took {elapsed:?}; gateway VmHWM idle {idle} KiB, after the \
          stall {stalled} KiB, at the end {peak} KiB (VmRSS {} KiB)",
-        proc_status_kib(pid, "VmRSS")
+        common::proc_status_kib(pid, "VmRSS")
     );
     assert!(
         peak <= MEMORY_BOUND_KIB,
@@ -246,7 +235,7 @@ fn a_slow_backend_upload_keeps_the_gateway_memory_bounded() {
     db.cert_add("p", "a", "client-a");
     let gw = db.serve_with(&["--max-body", "300000000"]);
     let pid = gw.pid();
-    let idle = proc_status_kib(pid, "VmHWM");
+    let idle = common::proc_status_kib(pid, "VmHWM");
     let started = Instant::now();
 
     let mut stream = connect(&gw);
@@ -283,11 +272,11 @@ fn a_slow_backend_upload_keeps_the_gateway_memory_bounded() {
     assert_eq!((status.as_str(), body.as_str()), ("200", expected.as_str()));
     assert_eq!(backend.join().unwrap(), SIZE);
 
-    let peak = proc_status_kib(pid, "VmHWM");
+    let peak = common::proc_status_kib(pid, "VmHWM");
     eprintln!(
         "upload of {SIZE} bytes took {elapsed:?}; gateway VmHWM idle {idle} KiB, at the end \
          {peak} KiB (VmRSS {} KiB)",
-        proc_status_kib(pid, "VmRSS")
+        common::proc_status_kib(pid, "VmRSS")
     );
     assert!(
         peak <= MEMORY_BOUND_KIB,

@@ -192,6 +192,39 @@ fn a_pooled_connection_the_backend_closes_is_dropped_not_used() {
 }
 
 #[test]
+fn a_connection_that_carried_an_http10_request_is_not_pooled() {
+    // Like most servers, answers an HTTP/1.0 request without keep-alive and then closes, a
+    // moment later, without saying `Connection: close`.
+    let (url, accepted) = raw_backend(|mut stream, id| {
+        if read_request(&mut stream).is_some() {
+            let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nconnection {id}");
+            let _ = stream.write_all(raw.as_bytes());
+            thread::sleep(Duration::from_millis(300));
+        }
+        let _ = stream.shutdown(Shutdown::Both);
+    });
+    let mut gw = gateway_for(&url, &[]);
+    let mut old = gw.client(Some("client-a"));
+    let response = old.request(b"GET /p/one HTTP/1.0\r\n\r\n");
+    assert_eq!(
+        (response.status, response.text()),
+        (200, "connection 1".into())
+    );
+
+    // A POST is never retried: had the first connection been parked, it would get 502.
+    let mut client = gw.client(Some("client-a"));
+    let response = client.request(&common::request_with_body("POST", "/p/two", b"order"));
+    assert_eq!(
+        (response.status, response.text()),
+        (200, "connection 2".into()),
+        "{:?}",
+        response.headers
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    gw.assert_running();
+}
+
+#[test]
 fn a_dead_reused_connection_is_retried_for_idempotent_requests_only() {
     // Answers the first request on each connection; reads the second one whole, then closes
     // without a word.
@@ -378,20 +411,13 @@ fn a_request_is_retried_only_once() {
     gw.assert_running();
 }
 
-/// Open file descriptors of process `pid`.
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| dir.count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn no_socket_is_left_behind_however_exchanges_end() {
     let backend = Backend::start();
     let gw = Gateway::pizzashack(&backend, &["--backend-timeout", "0.3"]);
     // Warm up: one parked backend connection, then the baseline.
     assert_eq!(gw.client(Some("client-a")).get(GET).status, 200);
-    let baseline = open_fds(gw.pid());
+    let baseline = common::open_fds(gw.pid());
     for _ in 0..10 {
         // Clients that go away in the middle of an upload.
         let mut client = gw.client(Some("client-a"));
@@ -415,7 +441,7 @@ fn no_socket_is_left_behind_however_exchanges_end() {
     // Once every exchange has ended, only what the pool parks is left (a few connections to
     // the backend, each one socket).
     common::eventually("the gateway's sockets are back to the baseline", || {
-        let now = open_fds(gw.pid());
+        let now = common::open_fds(gw.pid());
         (now <= baseline + 3).then_some(())
     });
     assert_eq!(gw.client(Some("client-a")).get(GET).status, 200);
