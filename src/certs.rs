@@ -7,7 +7,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
 use rustls::pki_types::pem::{Error as PemError, PemObject, SectionKind};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
@@ -218,6 +221,47 @@ pub fn generate_server_cert(hostnames: &[String], now: i64) -> Result<ServerPem,
     })
 }
 
+/// A demo PKI as PEM: a CA and one client certificate it issued, with their keys.
+#[derive(Clone, Debug)]
+pub struct DemoPki {
+    pub ca_pem: String,
+    pub ca_key_pem: String,
+    pub client_pem: String,
+    pub client_key_pem: String,
+}
+
+/// Generates a CA (`CN=certgate demo CA`, ten years) and a client certificate it issues
+/// (`CN=client`, one year, client-auth EKU), both ECDSA P-256, valid from an hour before `now`.
+pub fn generate_demo_pki(client: &str, now: i64) -> Result<DemoPki, CertError> {
+    let start = OffsetDateTime::from_unix_timestamp(now - 3600).map_err(|_| rcgen::Error::Time)?;
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "certgate demo CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.not_before = start;
+    ca.not_after = start + Duration::days(3653);
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca, ca_key);
+
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name.push(DnType::CommonName, client);
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.not_before = start;
+    leaf.not_after = start + Duration::days(365);
+    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
+    Ok(DemoPki {
+        ca_pem: ca_cert.pem(),
+        ca_key_pem,
+        client_pem: leaf_cert.pem(),
+        client_key_pem: leaf_key.serialize_pem(),
+    })
+}
+
 /// All CERTIFICATE blocks of a PEM text, in order. Other sections are skipped.
 pub fn pem_certificates(bytes: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
     let mut certs = Vec::new();
@@ -374,6 +418,21 @@ mod tests {
         assert_eq!(days_left(NOW + 86_400 * 2 + 5, NOW), 2);
         assert_eq!(days_left(NOW - 1, NOW), -1);
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn demo_pki_is_a_ca_and_a_client_it_issued() {
+        let pki = generate_demo_pki("demo-client", NOW).unwrap();
+        let ca = read_client_cert(pki.ca_pem.as_bytes()).unwrap().info;
+        let client = read_client_cert(pki.client_pem.as_bytes()).unwrap().info;
+        assert!(ca.is_ca && !client.is_ca);
+        assert_eq!(client.subject, "CN=demo-client");
+        assert_eq!(client.issuer, ca.subject);
+        assert_eq!(
+            Validity::at(client.not_before, client.not_after, NOW),
+            Validity::Valid
+        );
+        assert!(pki.client_key_pem.contains("PRIVATE KEY"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use thiserror::Error;
 
 use crate::certs::{self, CertError, CertInfo, Validity};
 use crate::model::{self, Api, AuthMode, Backend, CertEntry, CertKind, ParseError, Resource};
+use crate::quickstart;
 use crate::server::{self, ServeError, ServeOptions};
 use crate::store::{ApiChange, ApiDetails, InitOptions, Store, StoreError};
 
@@ -32,6 +33,8 @@ pub enum CliError {
     Parse(#[from] ParseError),
     #[error("{0}")]
     Serve(#[from] ServeError),
+    #[error("{0}")]
+    Quickstart(#[from] crate::quickstart::QuickstartError),
     #[error("{file} {source}")]
     Cert { file: String, source: CertError },
     #[error("cannot read {file}: {source}")]
@@ -80,6 +83,19 @@ pub enum Command {
     Cert(CertArgs),
     Tier(TierArgs),
     Backup(BackupArgs),
+    Quickstart(QuickstartArgs),
+}
+
+/// Make a demo (a database, a CA, a client certificate, an echo API) and serve it.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "quickstart")]
+pub struct QuickstartArgs {
+    /// the demo's directory (default ./certgate-demo; reused when it holds a demo)
+    #[argh(option, default = "PathBuf::from(\"certgate-demo\")")]
+    dir: PathBuf,
+    /// address to listen on (default 127.0.0.1:8443)
+    #[argh(option, default = "String::from(\"127.0.0.1:8443\")")]
+    listen: String,
 }
 
 /// Create the database with the default tiers and a server certificate.
@@ -541,6 +557,14 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Tier(args) => match args.command {
             TierCommand::List(list) => tier_list(&Store::open(&db)?, list.json, out),
         },
+        Command::Quickstart(args) => {
+            let listen = args
+                .listen
+                .parse()
+                .map_err(|_| CliError::Listen(args.listen.clone()))?;
+            quickstart::run(&args.dir, listen, ServeOptions::default(), unix_now(), out)?;
+            Ok(())
+        }
         Command::Backup(backup) => {
             Store::open(&db)?.backup(&backup.file)?;
             writeln!(out, "wrote {}", backup.file.display())?;
@@ -598,7 +622,8 @@ fn run_serve(db: &Path, args: ServeArgs) -> Result<(), CliError> {
             db.display()
         );
     }
-    server::run(store, options)?;
+    let listeners = server::bind(&options.listen)?;
+    server::run(store, listeners, options)?;
     Ok(())
 }
 
@@ -904,7 +929,11 @@ fn print_api(out: &mut dyn Write, details: &ApiDetails) -> Result<(), CliError> 
             ("version", api.version.clone().unwrap_or_else(|| "-".into())),
             (
                 "backend",
-                format!("{} ({})", api.backend.url, addrs.join(", ")),
+                if addrs.is_empty() {
+                    api.backend.url.clone()
+                } else {
+                    format!("{} ({})", api.backend.url, addrs.join(", "))
+                },
             ),
             ("mtls", api.mtls.to_string()),
             ("oauth2", api.oauth2.to_string()),
@@ -1006,20 +1035,15 @@ fn run_cert(store: &mut Store, command: CertCommand, out: &mut dyn Write) -> Res
                     date: certs::rfc3339(info.not_after),
                 });
             }
-            let entry = CertEntry {
+            let entry = CertEntry::new(
                 alias,
-                api: add.api,
-                tier: add.tier.unwrap_or_else(|| "Unlimited".into()),
-                kind: CertKind::Pinned,
-                sha256: info.sha256,
-                subject: info.subject,
-                issuer: info.issuer,
-                serial: info.serial,
-                not_before: info.not_before,
-                not_after: info.not_after,
+                add.api,
+                add.tier,
+                CertKind::Pinned,
+                info,
+                cert.der,
                 scopes,
-                der: cert.der,
-            };
+            );
             store.add_cert(&entry, &cert.chain)?;
             print_cert(out, &store.cert(&entry.alias)?, add.json, now)
         }

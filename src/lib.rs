@@ -14,7 +14,9 @@
 //! - [`tls`]: the rustls server configuration and the client-certificate verifier.
 //! - [`http`]: HTTP/1.1 heads and body framing, and the gateway's own answers.
 //! - [`conn`]: one client connection and its backend connection, as a state machine.
+//! - [`echo`]: the built-in echo backend (`builtin:echo`), served by the same loop.
 //! - [`pool`]: idle backend connections shared by all client connections, and the tokens.
+//! - [`quickstart`]: `certgate quickstart`, a demo API with its certificates, served.
 //! - [`server`]: the mio event loop: listeners, tokens, signals, snapshot reloads.
 //!
 //! `ARCHITECTURE.md` traces a request's life through these modules.
@@ -23,10 +25,12 @@ pub mod buf;
 pub mod certs;
 pub mod cli;
 pub mod conn;
+pub mod echo;
 pub mod http;
 pub mod model;
 pub mod policy;
 pub mod pool;
+pub mod quickstart;
 pub mod route;
 pub mod server;
 pub mod snapshot;

@@ -128,8 +128,12 @@ pub struct Rate {
     pub burst: u64,
 }
 
-/// An `http://` backend, parsed and resolved. Addresses are resolved by the command that stores
-/// the API and again by `serve` at start; the loop never resolves names.
+/// The URL of the echo backend built into the gateway ([`crate::echo`]).
+pub const ECHO_BACKEND: &str = "builtin:echo";
+
+/// An `http://` backend, parsed and resolved, or the built-in echo service. Addresses are
+/// resolved by the command that stores the API and again by `serve` at start; the loop never
+/// resolves names. The echo service's address is known only to a running `serve`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
     /// As the operator wrote it.
@@ -146,6 +150,16 @@ pub struct Backend {
 impl Backend {
     /// Parses `http://HOST[:PORT][/PATH]` without resolving the host.
     pub fn parse(url: &str) -> Result<Self, ParseError> {
+        if url == ECHO_BACKEND {
+            return Ok(Self {
+                url: url.to_owned(),
+                authority: url.to_owned(),
+                host: url.to_owned(),
+                port: 0,
+                path: String::new(),
+                addrs: Vec::new(),
+            });
+        }
         let bad = || ParseError::BackendUrl(url.to_owned());
         let rest = url.strip_prefix("http://").ok_or_else(bad)?;
         let (authority, path) = match rest.find('/') {
@@ -170,8 +184,16 @@ impl Backend {
         })
     }
 
+    /// The built-in echo service rather than a host of the network.
+    pub fn is_builtin(&self) -> bool {
+        self.url == ECHO_BACKEND
+    }
+
     /// Resolves the host to every address it has (blocking: never call this on the loop).
     pub fn resolve(&mut self) -> Result<(), ParseError> {
+        if self.is_builtin() {
+            return Ok(());
+        }
         let host = self.host.trim_start_matches('[').trim_end_matches(']');
         let addrs = (host, self.port)
             .to_socket_addrs()
@@ -372,6 +394,34 @@ pub struct CertEntry {
     pub not_after: i64,
     pub scopes: Vec<String>,
     pub der: Vec<u8>,
+}
+
+impl CertEntry {
+    /// The entry for a certificate as read from a file; `tier` defaults to Unlimited.
+    pub fn new(
+        alias: String,
+        api: String,
+        tier: Option<String>,
+        kind: CertKind,
+        info: crate::certs::CertInfo,
+        der: Vec<u8>,
+        scopes: Vec<String>,
+    ) -> Self {
+        Self {
+            alias,
+            api,
+            tier: tier.unwrap_or_else(|| "Unlimited".into()),
+            kind,
+            sha256: info.sha256,
+            subject: info.subject,
+            issuer: info.issuer,
+            serial: info.serial,
+            not_before: info.not_before,
+            not_after: info.not_after,
+            scopes,
+            der,
+        }
+    }
 }
 
 /// Everything the serving loop reads from the store, in one consistent read.

@@ -3,7 +3,8 @@
 //!
 //! Tokens: client connection `k` of the slab has `Token(2k)`, backend connection `b` of the pool
 //! `Token(2b + 1)` whichever client connection leases it ([`crate::pool`]); listeners and the
-//! signal pipe use tokens from the top of the range.
+//! signal pipe use tokens from the top of the range, the built-in echo service ([`crate::echo`])
+//! those from the middle up.
 //! A closed connection leaves the slab only after the batch of events it was closed in, so a
 //! token is never reused while events for its old owner may still be pending.
 //!
@@ -25,7 +26,8 @@ use slab::Slab;
 use thiserror::Error;
 
 use crate::conn::{Conn, Context, Limits, Readiness, RequestIds};
-use crate::model::Config;
+use crate::echo::Echo;
+use crate::model::{Config, ECHO_BACKEND};
 use crate::pool::{self, Owner, Pool, Use};
 use crate::snapshot::Snapshot;
 use crate::store::Store;
@@ -34,6 +36,9 @@ use crate::tls::{SessionState, TlsError};
 const SIGNALS: Token = Token(usize::MAX);
 /// Listener `i` has `Token(LISTENERS - i)`.
 const LISTENERS: usize = usize::MAX - 1;
+/// The echo service's listener; its connections follow. Client and backend tokens stay far
+/// below, since the slabs they index are bounded by `max_connections`.
+const ECHO: usize = usize::MAX / 2;
 /// How often the store is asked whether it changed (SPEC 5 allows 2 s).
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 /// How often deadlines are checked.
@@ -76,12 +81,32 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves until SIGTERM or SIGINT; returns once requests in flight are done or the drain
-/// deadline has passed.
-pub fn run(store: Store, options: ServeOptions) -> Result<(), ServeError> {
+/// Binds the listeners of `addrs`, saying `listening on ADDR` on stderr for each.
+pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, ServeError> {
+    addrs
+        .iter()
+        .map(|&addr| {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|source| ServeError::Listen { addr, source })?;
+            eprintln!("listening on {}", listener.local_addr()?);
+            Ok(listener)
+        })
+        .collect()
+}
+
+/// Serves on `listeners` until SIGTERM or SIGINT; returns once requests in flight are done or
+/// the drain deadline has passed.
+pub fn run(
+    store: Store,
+    listeners: Vec<std::net::TcpListener>,
+    options: ServeOptions,
+) -> Result<(), ServeError> {
     let session = SessionState::new()?;
+    let poll = Poll::new()?;
     let config = store.load_config()?;
-    let resolved = resolve_backends(&config);
+    let mut resolved = resolve_backends(&config);
+    let mut echo = None;
+    start_echo(&mut echo, &config, poll.registry(), &mut resolved)?;
     let snapshot = Snapshot::build(
         config,
         1,
@@ -93,16 +118,17 @@ pub fn run(store: Store, options: ServeOptions) -> Result<(), ServeError> {
     store.set_nonblocking()?;
     let data_version = store.data_version()?;
 
-    let poll = Poll::new()?;
-    let mut listeners = Vec::new();
-    for (i, &addr) in options.listen.iter().enumerate() {
-        let mut listener =
-            TcpListener::bind(addr).map_err(|source| ServeError::Listen { addr, source })?;
-        poll.registry()
-            .register(&mut listener, Token(LISTENERS - i), Interest::READABLE)?;
-        eprintln!("listening on {}", listener.local_addr()?);
-        listeners.push(listener);
-    }
+    let listeners = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, listener)| {
+            listener.set_nonblocking(true)?;
+            let mut listener = TcpListener::from_std(listener);
+            poll.registry()
+                .register(&mut listener, Token(LISTENERS - i), Interest::READABLE)?;
+            Ok(listener)
+        })
+        .collect::<Result<Vec<_>, std::io::Error>>()?;
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)?;
@@ -112,6 +138,7 @@ pub fn run(store: Store, options: ServeOptions) -> Result<(), ServeError> {
         listeners,
         signals,
         conns: Slab::new(),
+        echo,
         store,
         session,
         resolved,
@@ -133,6 +160,8 @@ struct Server {
     listeners: Vec<TcpListener>,
     signals: Signals,
     conns: Slab<Conn>,
+    /// The built-in echo backend, started once an API uses it.
+    echo: Option<Echo>,
     store: Store,
     session: SessionState,
     resolved: HashMap<String, Vec<SocketAddr>>,
@@ -177,6 +206,15 @@ impl Server {
                     SIGNALS => reload_now |= self.on_signals(),
                     Token(t) if t > LISTENERS - self.listeners.len() && t <= LISTENERS => {
                         self.accept(LISTENERS - t);
+                    }
+                    Token(t) if t >= ECHO => {
+                        if let Some(echo) = &mut self.echo {
+                            echo.ready(
+                                event.token(),
+                                readiness(event).readable,
+                                self.poll.registry(),
+                            );
+                        }
                     }
                     token => match pool::owner(token) {
                         Owner::Client(key) => {
@@ -357,6 +395,14 @@ impl Server {
                 return;
             }
         };
+        if let Err(e) = start_echo(
+            &mut self.echo,
+            &config,
+            self.poll.registry(),
+            &mut self.resolved,
+        ) {
+            eprintln!("reload: cannot start the built-in echo backend: {e}");
+        }
         let generation = self.snapshot.generation + 1;
         match Snapshot::build(
             config,
@@ -415,17 +461,35 @@ impl Server {
     }
 }
 
+/// Starts the built-in echo backend the first time an API of `config` uses it, and has
+/// `resolved` send that API's requests to it.
+fn start_echo(
+    echo: &mut Option<Echo>,
+    config: &Config,
+    registry: &mio::Registry,
+    resolved: &mut HashMap<String, Vec<SocketAddr>>,
+) -> std::io::Result<()> {
+    if echo.is_some() || !config.apis.iter().any(|a| a.backend.is_builtin()) {
+        return Ok(());
+    }
+    let started = Echo::start(registry, ECHO)?;
+    resolved.insert(ECHO_BACKEND.to_owned(), vec![started.addr()]);
+    *echo = Some(started);
+    Ok(())
+}
+
 /// Looks up every backend host name once, before the loop starts; addresses stored by the
 /// commands serve where a lookup fails.
 fn resolve_backends(config: &Config) -> HashMap<String, Vec<SocketAddr>> {
     let mut resolved = HashMap::new();
     for api in &config.apis {
         let mut backend = api.backend.clone();
-        if backend
-            .host
-            .trim_matches(['[', ']'])
-            .parse::<IpAddr>()
-            .is_ok()
+        if backend.is_builtin()
+            || backend
+                .host
+                .trim_matches(['[', ']'])
+                .parse::<IpAddr>()
+                .is_ok()
             || resolved.contains_key(&backend.authority)
         {
             continue;

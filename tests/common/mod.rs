@@ -560,7 +560,7 @@ impl Drop for Gateway {
 
 /// SIGTERM, then SIGKILL after 5 s. Never signals a child whose exit was already collected
 /// (its pid may belong to another process by then).
-fn stop_child(child: &mut Child) {
+pub fn stop_child(child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
