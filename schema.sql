@@ -1,4 +1,4 @@
--- certgate store, schema version 1 (PRAGMA user_version).
+-- certgate store, schema version 2 (PRAGMA user_version).
 --
 -- Applied by `Store::create` (src/store.rs) to a new, empty file, inside the one transaction
 -- that also stores the server certificate. Two settings are per connection rather than per
@@ -92,3 +92,29 @@ CREATE INDEX certs_tier ON certs (tier_id);
 CREATE INDEX apis_tier ON apis (tier_id);
 
 PRAGMA user_version = 1;
+
+-- @@ version 2 @@ (a database of version 1 gets what follows this line)
+
+-- A certificate revocation list, one per issuer: the newest one added. `issuer` is the
+-- issuer's name in the form `certs.issuer` has, so that pinned entries find theirs; `der` is
+-- what CA-issued chains are checked against. Delta and indirect CRLs are never stored.
+CREATE TABLE crls (
+    id          INTEGER PRIMARY KEY,
+    issuer      TEXT NOT NULL UNIQUE,
+    -- The CRL number extension, as a decimal string (NULL when the CRL has none).
+    number      TEXT,
+    this_update INTEGER NOT NULL,
+    next_update INTEGER,
+    der         BLOB NOT NULL,
+    created     INTEGER NOT NULL
+) STRICT;
+
+-- The serial numbers a CRL revokes, lower-case hex as in `certs.serial`.
+CREATE TABLE crl_entries (
+    crl_id  INTEGER NOT NULL REFERENCES crls (id) ON DELETE CASCADE,
+    serial  TEXT NOT NULL,
+    revoked INTEGER NOT NULL,
+    PRIMARY KEY (crl_id, serial)
+) STRICT;
+
+PRAGMA user_version = 2;

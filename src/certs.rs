@@ -45,6 +45,16 @@ pub enum CertError {
     KeyMismatch,
     #[error("cannot generate the server certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("is not a CRL: neither PEM with an X509 CRL block nor DER")]
+    NotCrl,
+    #[error("is not a CRL: {0}")]
+    BadCrl(String),
+    #[error("is a delta CRL, which certgate does not take; give the issuer's full CRL")]
+    DeltaCrl,
+    #[error("is an indirect CRL, which certgate does not take; give the CRL its issuer signed for its own certificates")]
+    IndirectCrl,
+    #[error("is a CRL partitioned by revocation reason, which certgate does not take")]
+    PartitionedCrl,
 }
 
 /// A client certificate as read from a file: the certificate, the chain that followed it, and
@@ -71,6 +81,20 @@ pub struct CertInfo {
     pub sans: Vec<String>,
     /// Basic constraints say CA:TRUE (what `openssl req -x509` makes by default).
     pub is_ca: bool,
+}
+
+/// A certificate revocation list as read from a file, with the fields the store keeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Crl {
+    pub der: Vec<u8>,
+    /// The issuer's name, in the form [`CertInfo::issuer`] has.
+    pub issuer: String,
+    /// The CRL number, in decimal.
+    pub number: Option<String>,
+    pub this_update: i64,
+    pub next_update: Option<i64>,
+    /// Serial numbers (as [`CertInfo::serial`]) with their revocation times.
+    pub revoked: Vec<(String, i64)>,
 }
 
 /// Where a certificate stands against the clock.
@@ -136,6 +160,62 @@ pub fn read_client_cert(bytes: &[u8]) -> Result<ClientCert, CertError> {
     Ok(ClientCert { der, chain, info })
 }
 
+/// Reads a CRL from PEM (an `X509 CRL` block) or DER. Refuses what webpki cannot check a
+/// chain against (delta, indirect and reason-partitioned CRLs), and any private key.
+pub fn read_crl(bytes: &[u8]) -> Result<Crl, CertError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(CertError::Empty);
+    }
+    let der = if looks_like_pem(bytes) {
+        if holds_private_key(bytes) {
+            return Err(CertError::PrivateKey);
+        }
+        let mut crls = <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes).filter_map(|s| match s {
+            Ok((SectionKind::Crl, der)) => Some(Ok(der)),
+            Ok(_) => None,
+            Err(e) => Some(Err(CertError::Pem(pem_reason(e)))),
+        });
+        crls.next().ok_or(CertError::NotCrl)??
+    } else {
+        bytes.to_vec()
+    };
+    webpki::OwnedCertRevocationList::from_der(&der).map_err(|e| match e {
+        webpki::Error::UnsupportedDeltaCrl => CertError::DeltaCrl,
+        webpki::Error::UnsupportedIndirectCrl => CertError::IndirectCrl,
+        webpki::Error::UnsupportedRevocationReasonsPartitioning => CertError::PartitionedCrl,
+        webpki::Error::BadDer if !looks_like_pem(bytes) => CertError::NotCrl,
+        other => CertError::BadCrl(format!("{other:?}")),
+    })?;
+    let (rest, crl) =
+        x509_parser::parse_x509_crl(&der).map_err(|e| CertError::BadCrl(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CertError::BadCrl(format!("{} trailing bytes", rest.len())));
+    }
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|r| (serial_hex(r.raw_serial()), r.revocation_date.timestamp()))
+        .collect();
+    Ok(Crl {
+        issuer: crl.issuer().to_string(),
+        number: crl.crl_number().map(ToString::to_string),
+        this_update: crl.last_update().timestamp(),
+        next_update: crl.next_update().map(|t| t.timestamp()),
+        revoked,
+        der,
+    })
+}
+
+/// Whether `crl_der` is signed by the key of certificate `issuer_der`.
+pub fn crl_signed_by(crl_der: &[u8], issuer_der: &[u8]) -> bool {
+    let (Ok((_, crl)), Ok((_, issuer))) = (
+        x509_parser::parse_x509_crl(crl_der),
+        x509_parser::parse_x509_certificate(issuer_der),
+    ) else {
+        return false;
+    };
+    crl.verify_signature(issuer.public_key()).is_ok()
+}
+
 /// Parses one DER certificate into the fields the store keeps.
 pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
     let (rest, cert) =
@@ -143,11 +223,6 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
     if !rest.is_empty() {
         return Err(CertError::Trailing(rest.len()));
     }
-    let serial = cert.raw_serial();
-    let first = serial
-        .iter()
-        .position(|&b| b != 0)
-        .unwrap_or(serial.len().saturating_sub(1));
     let sans = match cert.subject_alternative_name() {
         Ok(Some(ext)) => ext.value.general_names.iter().filter_map(san).collect(),
         _ => Vec::new(),
@@ -155,7 +230,7 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
     Ok(CertInfo {
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
-        serial: hex(&serial[first..]),
+        serial: serial_hex(cert.raw_serial()),
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         sha256: sha256(der),
@@ -290,6 +365,15 @@ pub fn sha256(der: &[u8]) -> [u8; 32] {
     let mut out = [0; 32];
     out.copy_from_slice(digest.as_ref());
     out
+}
+
+/// A serial number as lower-case hex of its bytes, leading zero bytes removed.
+fn serial_hex(serial: &[u8]) -> String {
+    let first = serial
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(serial.len().saturating_sub(1));
+    hex(&serial[first..])
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -19,10 +19,12 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::certs::{self, CertError, CertInfo, Validity};
-use crate::model::{self, Api, AuthMode, Backend, CertEntry, CertKind, ParseError, Resource};
+use crate::model::{
+    self, Api, AuthMode, Backend, CertEntry, CertKind, CrlEntry, ParseError, Resource,
+};
 use crate::quickstart;
 use crate::server::{self, ServeError, ServeOptions};
-use crate::store::{ApiChange, ApiDetails, InitOptions, Store, StoreError};
+use crate::store::{ApiChange, ApiDetails, CrlAdded, InitOptions, Store, StoreError};
 
 /// Why a command failed; the message is the one-line reason printed after `error: `.
 #[derive(Debug, Error)]
@@ -41,6 +43,10 @@ pub enum CliError {
     Read { file: String, source: io::Error },
     #[error("the certificate in {file} expired on {date}")]
     Expired { file: String, date: String },
+    #[error("{0} is not a CA certificate (its basic constraints do not say CA:TRUE); add it without --ca to pin it")]
+    NotCa(String),
+    #[error("{file} cannot serve as a CA: {reason}")]
+    BadCa { file: String, reason: String },
     #[error("OAuth2 is not available yet in this version of certgate; use --oauth2 off")]
     OAuth2Unavailable,
     #[error("give both --server-cert and --server-key, or neither")]
@@ -84,6 +90,54 @@ pub enum Command {
     Tier(TierArgs),
     Backup(BackupArgs),
     Quickstart(QuickstartArgs),
+    Crl(CrlArgs),
+}
+
+/// Certificate revocation lists: a client certificate a stored CRL of its issuer lists is
+/// refused.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "crl")]
+pub struct CrlArgs {
+    #[argh(subcommand)]
+    command: CrlCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum CrlCommand {
+    Add(CrlAdd),
+    List(CrlList),
+    Remove(CrlRemove),
+}
+
+/// Store a CRL (PEM or DER), in place of its issuer's older one.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "add")]
+struct CrlAdd {
+    /// print the stored CRL as JSON
+    #[argh(switch)]
+    json: bool,
+    /// the CRL file, or - for stdin
+    #[argh(positional)]
+    file: String,
+}
+
+/// List the stored CRLs.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+struct CrlList {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Remove a stored CRL.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "remove")]
+struct CrlRemove {
+    /// the CRL's id, as crl list shows it
+    #[argh(positional)]
+    id: i64,
 }
 
 /// Make a demo (a database, a CA, a client certificate, an echo API) and serve it.
@@ -395,6 +449,9 @@ struct CertAdd {
     /// a scope the caller holds (repeatable)
     #[argh(option)]
     scope: Vec<String>,
+    /// the file holds a CA certificate: every client certificate it issues may call the API
+    #[argh(switch)]
+    ca: bool,
     /// print the stored entry as JSON
     #[argh(switch)]
     json: bool,
@@ -557,6 +614,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Tier(args) => match args.command {
             TierCommand::List(list) => tier_list(&Store::open(&db)?, list.json, out),
         },
+        Command::Crl(args) => run_crl(&mut Store::open(&db)?, args.command, out),
         Command::Quickstart(args) => {
             let listen = args
                 .listen
@@ -1035,15 +1093,13 @@ fn run_cert(store: &mut Store, command: CertCommand, out: &mut dyn Write) -> Res
                     date: certs::rfc3339(info.not_after),
                 });
             }
-            let entry = CertEntry::new(
-                alias,
-                add.api,
-                add.tier,
-                CertKind::Pinned,
-                info,
-                cert.der,
-                scopes,
-            );
+            let kind = if add.ca {
+                check_ca(&label, &info, &cert.der)?;
+                CertKind::Ca
+            } else {
+                CertKind::Pinned
+            };
+            let entry = CertEntry::new(alias, add.api, add.tier, kind, info, cert.der, scopes);
             store.add_cert(&entry, &cert.chain)?;
             print_cert(out, &store.cert(&entry.alias)?, add.json, now)
         }
@@ -1114,6 +1170,83 @@ fn run_cert(store: &mut Store, command: CertCommand, out: &mut dyn Write) -> Res
             Ok(())
         }
     }
+}
+
+/// A `--ca` entry must be a CA certificate that webpki takes as a trust anchor.
+fn check_ca(label: &str, info: &CertInfo, der: &[u8]) -> Result<(), CliError> {
+    if !info.is_ca {
+        return Err(CliError::NotCa(label.to_owned()));
+    }
+    let der = rustls::pki_types::CertificateDer::from(der);
+    webpki::anchor_from_trusted_cert(&der).map_err(|e| CliError::BadCa {
+        file: label.to_owned(),
+        reason: format!("{e:?}"),
+    })?;
+    Ok(())
+}
+
+fn run_crl(store: &mut Store, command: CrlCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    match command {
+        CrlCommand::Add(add) => {
+            let (label, bytes) = read_input(&add.file)?;
+            let crl = certs::read_crl(&bytes).map_err(|source| CliError::Cert {
+                file: label,
+                source,
+            })?;
+            let (entry, added) = store.add_crl(&crl)?;
+            let what = match added {
+                CrlAdded::New => "stored",
+                CrlAdded::Replaced => "stored, replacing the older CRL of its issuer",
+                CrlAdded::Unchanged => "already stored; nothing changed",
+            };
+            if add.json {
+                return print_json(out, &CrlJson::new(&entry));
+            }
+            writeln!(out, "CRL {} of {}: {what}", entry.id, entry.issuer)?;
+            crl_table(out, &[entry])
+        }
+        CrlCommand::List(list) => {
+            let crls = store.crls()?;
+            if list.json {
+                let rows: Vec<CrlJson> = crls.iter().map(CrlJson::new).collect();
+                return print_json(out, &rows);
+            }
+            crl_table(out, &crls)
+        }
+        CrlCommand::Remove(remove) => {
+            let entry = store.remove_crl(remove.id)?;
+            writeln!(out, "removed CRL {} of {}", entry.id, entry.issuer)?;
+            Ok(())
+        }
+    }
+}
+
+fn crl_table(out: &mut dyn Write, crls: &[CrlEntry]) -> Result<(), CliError> {
+    let rows = crls
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.to_string(),
+                c.issuer.clone(),
+                c.number.clone().unwrap_or_else(|| "-".into()),
+                certs::rfc3339(c.this_update),
+                c.next_update.map_or_else(|| "-".into(), certs::rfc3339),
+                c.revoked.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "ID",
+            "ISSUER",
+            "NUMBER",
+            "THIS_UPDATE",
+            "NEXT_UPDATE",
+            "REVOKED",
+        ],
+        rows,
+    )
 }
 
 fn print_cert(
@@ -1391,8 +1524,35 @@ impl<'a> CertJson<'a> {
             not_before: certs::rfc3339(e.not_before),
             not_after: certs::rfc3339(e.not_after),
             days_left: certs::days_left(e.not_after, now),
-            status: Validity::at(e.not_before, e.not_after, now).as_str(),
+            status: if e.revoked {
+                "revoked"
+            } else {
+                Validity::at(e.not_before, e.not_after, now).as_str()
+            },
             scopes: &e.scopes,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CrlJson<'a> {
+    id: i64,
+    issuer: &'a str,
+    number: Option<&'a str>,
+    this_update: String,
+    next_update: Option<String>,
+    revoked: usize,
+}
+
+impl<'a> CrlJson<'a> {
+    fn new(c: &'a CrlEntry) -> Self {
+        Self {
+            id: c.id,
+            issuer: &c.issuer,
+            number: c.number.as_deref(),
+            this_update: certs::rfc3339(c.this_update),
+            next_update: c.next_update.map(certs::rfc3339),
+            revoked: c.revoked,
         }
     }
 }
@@ -1567,7 +1727,7 @@ mod tests {
             ),
             (
                 vec!["--api", "pizza", "--alias", "c2", &file],
-                "already pinned on API \"pizza\" as \"c1\"",
+                "already registered on API \"pizza\" as \"c1\"",
             ),
             (
                 vec!["--api", "pizza", "--alias", "c2", "--scope", "a b", &file],

@@ -22,7 +22,7 @@ use rustls::ServerConnection;
 
 use crate::buf::ReadBuf;
 use crate::http::{self, Body, Forwarding, Framing, Problem, RequestHead, ResponseHead};
-use crate::policy::{self, ClientCert, Decision};
+use crate::policy::{self, ClientCert, Decision, Standing};
 use crate::pool::Pool;
 use crate::route::ResourceMatch;
 use crate::snapshot::Snapshot;
@@ -201,6 +201,19 @@ enum Response {
     Done,
 }
 
+/// A verdict of [`policy::standing`] and what it holds for.
+struct CachedStanding {
+    generation: u64,
+    api: usize,
+    /// Unix seconds when it was found: CA-issued chains are checked again after
+    /// [`STANDING_TTL`], so that an intermediate's expiry is not missed.
+    found: i64,
+    standing: Standing,
+}
+
+/// How long a CA-issued certificate's checked chain is trusted without checking it again.
+const STANDING_TTL: i64 = 60;
+
 /// Who an exchange waits for; the deadline runs from the last time that side moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Wait {
@@ -223,6 +236,9 @@ pub struct Conn {
     /// The backend connection leased from the pool while an exchange runs.
     backend: Option<usize>,
     client_cert: Option<ClientCert>,
+    /// The client certificate's standing for one API, found under one snapshot generation at
+    /// one time ([`Conn::standing`]).
+    standing: Option<CachedStanding>,
     /// `Client-Cert` and `Client-Cert-Chain` values (RFC 9440) for the backend.
     cert_headers: Option<(String, Option<String>)>,
     /// Plaintext from the client not yet consumed.
@@ -263,6 +279,7 @@ impl Conn {
             key,
             backend: None,
             client_cert: None,
+            standing: None,
             cert_headers: None,
             input: ReadBuf::default(),
             spare_buffers: (Vec::new(), ReadBuf::default()),
@@ -632,7 +649,7 @@ impl Conn {
 
     /// Routes and judges the parsed head: the API's index, and whether the client certificate
     /// passed (a public resource lets anyone through).
-    fn route(&self, cx: &Context<'_>) -> Result<(usize, bool), Problem> {
+    fn route(&mut self, cx: &Context<'_>) -> Result<(usize, bool), Problem> {
         let snapshot = cx.snapshot;
         // httparse only accepts visible ASCII in the target.
         let path = std::str::from_utf8(&self.input[self.head.path.clone()]).unwrap_or("/");
@@ -657,10 +674,43 @@ impl Conn {
                 return Err(problem);
             }
         };
-        match policy::decide(self.client_cert.as_ref(), view, resource, cx.unix_now) {
+        self.refresh_standing(index, cx);
+        let caller = self
+            .client_cert
+            .as_ref()
+            .zip(self.standing.as_ref().map(|c| &c.standing));
+        match policy::decide(caller, view, resource, cx.unix_now) {
             Decision::Allow { entry } => Ok((index, entry.is_some())),
             Decision::Refuse(refusal) => Err(refusal.to_problem()),
         }
+    }
+
+    /// Makes sure `standing` holds the client certificate's standing for API `api` of the
+    /// current snapshot: kept while the generation and the API are the same (and, for a
+    /// CA-issued certificate, for [`STANDING_TTL`]), so webpki runs once per connection, API
+    /// and change rather than per request (SPEC 8).
+    fn refresh_standing(&mut self, api: usize, cx: &Context<'_>) {
+        let Some(cert) = &self.client_cert else {
+            return;
+        };
+        let fresh = self.standing.as_ref().is_some_and(|c| {
+            c.generation == cx.snapshot.generation
+                && c.api == api
+                && (matches!(c.standing, Standing::Pinned(_))
+                    || cx.unix_now - c.found < STANDING_TTL)
+        });
+        if fresh {
+            return;
+        }
+        let chain = self.tls.peer_certificates().unwrap_or(&[]);
+        let view = &cx.snapshot.apis[api];
+        let standing = policy::standing(cert, chain, view, cx.snapshot, cx.unix_now);
+        self.standing = Some(CachedStanding {
+            generation: cx.snapshot.generation,
+            api,
+            found: cx.unix_now,
+            standing,
+        });
     }
 
     /// Starts forwarding the parsed request to the API's backend, on a pooled connection when
@@ -1138,10 +1188,21 @@ fn client_cert(der: &rustls::pki_types::CertificateDer<'_>) -> ClientCert {
     let digest = ring::digest::digest(&ring::digest::SHA256, der);
     let mut sha256 = [0u8; 32];
     sha256.copy_from_slice(digest.as_ref());
-    let subject = x509_parser::parse_x509_certificate(der)
-        .map(|(_, cert)| cert.subject().to_string())
-        .unwrap_or_else(|_| "(unparseable certificate)".into());
-    ClientCert { sha256, subject }
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => ClientCert {
+            sha256,
+            subject: cert.subject().to_string(),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+        },
+        // rustls took it, so this hardly happens; such a certificate matches no entry.
+        Err(_) => ClientCert {
+            sha256,
+            subject: "(unparseable certificate)".into(),
+            not_before: i64::MAX,
+            not_after: i64::MIN,
+        },
+    }
 }
 
 /// Connects to the first of `addrs` from `first` on that accepts at once (or starts to) as the

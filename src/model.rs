@@ -394,6 +394,8 @@ pub struct CertEntry {
     pub not_after: i64,
     pub scopes: Vec<String>,
     pub der: Vec<u8>,
+    /// A stored CRL of its issuer lists its serial number (worked out by the store).
+    pub revoked: bool,
 }
 
 impl CertEntry {
@@ -420,8 +422,21 @@ impl CertEntry {
             not_after: info.not_after,
             scopes,
             der,
+            revoked: false,
         }
     }
+}
+
+/// A stored CRL, as `crl list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrlEntry {
+    pub id: i64,
+    pub issuer: String,
+    pub number: Option<String>,
+    pub this_update: i64,
+    pub next_update: Option<i64>,
+    /// How many serial numbers it revokes.
+    pub revoked: usize,
 }
 
 /// Everything the serving loop reads from the store, in one consistent read.
@@ -434,6 +449,8 @@ pub struct Config {
     pub apis: Vec<Api>,
     pub resources: Vec<Resource>,
     pub certs: Vec<CertEntry>,
+    /// The DER of every stored CRL, for checking CA-issued chains.
+    pub crls: Vec<Vec<u8>>,
 }
 
 #[cfg(test)]

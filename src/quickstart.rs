@@ -21,7 +21,10 @@ use crate::server::{self, ServeError, ServeOptions};
 use crate::store::{InitOptions, Store, StoreError};
 
 pub const API_NAME: &str = "echo";
-pub const CLIENT_ALIAS: &str = "demo-client";
+/// The demo CA's entry: every client certificate it issues may call the API.
+pub const CA_ALIAS: &str = "demo-ca";
+/// The client certificate's subject CN.
+pub const CLIENT_NAME: &str = "demo-client";
 
 #[derive(Debug, Error)]
 pub enum QuickstartError {
@@ -86,7 +89,8 @@ pub fn run(
     let (cert, key, ca) = (show("client.pem"), show("client.key"), show("server.pem"));
     writeln!(
         out,
-        "# certgate demo in {}: API {API_NAME} at {base_url}/ on the built-in echo backend",
+        "# certgate demo in {}: API {API_NAME} at {base_url}/ on the built-in echo backend; \
+         every client certificate that ca.pem issues may call it",
         files.dir.display()
     )?;
     writeln!(out, "# call it with curl:")?;
@@ -131,13 +135,13 @@ fn prepare(files: &Files, now: i64, out: &mut dyn Write) -> Result<Store, Quicks
         path: files.dir.clone(),
         source,
     })?;
-    let pki = certs::generate_demo_pki(CLIENT_ALIAS, now)?;
+    let pki = certs::generate_demo_pki(CLIENT_NAME, now)?;
     write_file(&files.path("ca.pem"), &pki.ca_pem, 0o644)?;
     write_file(&files.path("ca.key"), &pki.ca_key_pem, 0o600)?;
     write_file(&files.path("client.pem"), &pki.client_pem, 0o644)?;
     write_file(&files.path("client.key"), &pki.client_key_pem, 0o600)?;
     let mut store = Store::create(&db, &InitOptions::default())?;
-    let registered = register(&mut store, &pki.client_pem);
+    let registered = register(&mut store, &pki.ca_pem);
     if let Err(e) = registered {
         drop(store);
         let _ = fs::remove_file(&db);
@@ -147,8 +151,8 @@ fn prepare(files: &Files, now: i64, out: &mut dyn Write) -> Result<Store, Quicks
     Ok(store)
 }
 
-/// Adds the echo API and the demo client certificate.
-fn register(store: &mut Store, client_pem: &str) -> Result<(), QuickstartError> {
+/// Adds the echo API and the demo CA as its CA entry.
+fn register(store: &mut Store, ca_pem: &str) -> Result<(), QuickstartError> {
     store.add_api(&Api {
         name: API_NAME.into(),
         context: "/echo".into(),
@@ -158,12 +162,12 @@ fn register(store: &mut Store, client_pem: &str) -> Result<(), QuickstartError> 
         oauth2: AuthMode::Off,
         tier: None,
     })?;
-    let cert = certs::read_client_cert(client_pem.as_bytes())?;
+    let cert = certs::read_client_cert(ca_pem.as_bytes())?;
     let entry = CertEntry::new(
-        CLIENT_ALIAS.into(),
+        CA_ALIAS.into(),
         API_NAME.into(),
         None,
-        CertKind::Pinned,
+        CertKind::Ca,
         cert.info,
         cert.der,
         Vec::new(),

@@ -1,13 +1,16 @@
 //! The immutable, in-memory view of the store that the loop serves from. A new snapshot is built
 //! whenever the database changes; connections pick up the newest one on their next request.
-//! Building needs no X.509 parsing: the store keeps the parsed fields.
+//! Building needs no X.509 parsing of client certificates, whose fields the store keeps; only
+//! the CA entries and the CRLs are read into the forms webpki checks chains against.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
 use rustls::ServerConfig;
+use webpki::{CertRevocationList, OwnedCertRevocationList};
 
 use crate::model::{Api, CertEntry, CertKind, Config, Resource};
 use crate::route::Router;
@@ -25,6 +28,9 @@ pub struct ApiView {
     pub certs: Vec<CertEntry>,
     /// SHA-256 of a pinned certificate to its index in `certs`.
     pub pinned: HashMap<[u8; 32], usize>,
+    /// The CA entries as trust anchors, and the index in `certs` of each.
+    pub anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    pub anchor_entries: Vec<usize>,
 }
 
 pub struct Snapshot {
@@ -35,6 +41,8 @@ pub struct Snapshot {
     server_pem: (String, String),
     pub router: Router,
     pub apis: Vec<ApiView>,
+    /// Every stored CRL, for checking CA-issued chains (pinned entries carry their verdict).
+    pub crls: Vec<CertRevocationList<'static>>,
 }
 
 impl Snapshot {
@@ -68,6 +76,8 @@ impl Snapshot {
                     resources: Vec::new(),
                     certs: Vec::new(),
                     pinned: HashMap::new(),
+                    anchors: Vec::new(),
+                    anchor_entries: Vec::new(),
                 }
             })
             .collect();
@@ -86,11 +96,28 @@ impl Snapshot {
                 continue;
             };
             let view = &mut apis[i];
-            if cert.kind == CertKind::Pinned {
-                view.pinned.insert(cert.sha256, view.certs.len());
+            match cert.kind {
+                CertKind::Pinned => {
+                    view.pinned.insert(cert.sha256, view.certs.len());
+                }
+                CertKind::Ca => {
+                    // `cert add --ca` checked that webpki takes it; one that it does not
+                    // (a store edited by hand) only never matches.
+                    let der = CertificateDer::from(cert.der.as_slice());
+                    if let Ok(anchor) = webpki::anchor_from_trusted_cert(&der) {
+                        view.anchors.push(anchor.to_owned());
+                        view.anchor_entries.push(view.certs.len());
+                    }
+                }
             }
             view.certs.push(cert);
         }
+        let crls = config
+            .crls
+            .iter()
+            .filter_map(|der| OwnedCertRevocationList::from_der(der).ok())
+            .map(CertRevocationList::from)
+            .collect();
         let router = Router::new(apis.iter().map(|v| v.base_path.as_str()));
         Ok(Self {
             generation,
@@ -98,6 +125,7 @@ impl Snapshot {
             server_pem,
             router,
             apis,
+            crls,
         })
     }
 }

@@ -24,13 +24,20 @@ use thiserror::Error;
 
 use crate::certs::{self, CertError, CertInfo};
 use crate::model::{
-    Api, AuthMode, Backend, CertEntry, CertKind, Config, Rate, Resource, Template, Tier,
+    Api, AuthMode, Backend, CertEntry, CertKind, Config, CrlEntry, Rate, Resource, Template, Tier,
 };
 
 /// The schema version this binary reads and writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = include_str!("../schema.sql");
+
+/// What a database of version 1 is given to reach version 2: the part of `schema.sql` after
+/// its version-2 marker.
+fn migration_from_1() -> &'static str {
+    let marker = "-- @@ version 2 @@";
+    SCHEMA.find(marker).map_or("", |i| &SCHEMA[i..])
+}
 
 /// Why the store refused or failed; the message is the one-line reason shown to the user.
 #[derive(Debug, Error)]
@@ -80,8 +87,18 @@ pub enum StoreError {
         "alias {alias:?} is already in use (on API {api:?}); aliases are unique in the gateway"
     )]
     AliasTaken { alias: String, api: String },
-    #[error("this certificate is already pinned on API {api:?} as {alias:?}")]
+    #[error("this certificate is already registered on API {api:?} as {alias:?}")]
     AlreadyPinned { api: String, alias: String },
+    #[error("a CRL of {issuer} numbered {stored} is stored; this one ({given}) is not newer")]
+    OlderCrl {
+        issuer: String,
+        stored: String,
+        given: String,
+    },
+    #[error("the CRL's signature does not verify with the certificate of its issuer {issuer} (alias {alias:?})")]
+    CrlSignature { issuer: String, alias: String },
+    #[error("no CRL with id {0}; see certgate crl list")]
+    UnknownCrl(i64),
     #[error("unknown certificate alias {0:?}")]
     UnknownAlias(String),
     #[error("{} already exists; backup never overwrites a file", .0.display())]
@@ -120,6 +137,16 @@ pub struct InitOptions {
     pub hostnames: Vec<String>,
     pub server_cert_pem: Option<String>,
     pub server_key_pem: Option<String>,
+}
+
+/// What `add_crl` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrlAdded {
+    New,
+    /// It replaced the issuer's older CRL.
+    Replaced,
+    /// The very same CRL was already stored.
+    Unchanged,
 }
 
 /// An API with what hangs off it, for `api list` and `api show`.
@@ -171,12 +198,17 @@ impl Store {
                 })
             }
         }
-        let conn = connect(path)?;
+        let mut conn = connect(path)?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(|e| not_certgate(path, &e.to_string()))?;
         match version {
             SCHEMA_VERSION => {}
+            1 => {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                tx.execute_batch(migration_from_1())?;
+                tx.commit()?;
+            }
             0 => return Err(not_certgate(path, "it has no certgate schema")),
             found if found > SCHEMA_VERSION => {
                 return Err(StoreError::TooNew {
@@ -287,6 +319,10 @@ impl Store {
             apis: select_apis(&tx, None)?,
             resources: select_resources(&tx, None)?,
             certs: select_certs(&tx, Filter::All)?,
+            crls: tx
+                .prepare("SELECT der FROM crls ORDER BY id")?
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?,
         };
         tx.finish()?;
         Ok(config)
@@ -623,6 +659,94 @@ impl Store {
         Ok(entry)
     }
 
+    /// Stores a CRL in place of its issuer's older one; says whether it replaced one. The
+    /// signature is checked against every stored certificate of the issuer (there may be
+    /// none: a pinned certificate's issuer need not be stored).
+    pub fn add_crl(&mut self, crl: &certs::Crl) -> Result<(CrlEntry, CrlAdded), StoreError> {
+        let tx = self.write()?;
+        let same: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM crls WHERE issuer = ?1 AND der = ?2",
+                params![crl.issuer, crl.der],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(id) = same {
+            let entry = select_crls(&tx, Some(&crl.issuer))?
+                .pop()
+                .ok_or(StoreError::UnknownCrl(id))?;
+            return Ok((entry, CrlAdded::Unchanged));
+        }
+        let issuers: Vec<(String, Vec<u8>)> = tx
+            .prepare("SELECT alias, der FROM certs WHERE subject = ?1 ORDER BY alias")?
+            .query_map([&crl.issuer], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        if let Some((alias, _)) = issuers
+            .iter()
+            .find(|(_, der)| !certs::crl_signed_by(&crl.der, der))
+        {
+            return Err(StoreError::CrlSignature {
+                issuer: crl.issuer.clone(),
+                alias: alias.clone(),
+            });
+        }
+        let stored = select_crls(&tx, Some(&crl.issuer))?.pop();
+        if let Some(stored) = &stored {
+            if !crl_is_newer(crl, stored) {
+                return Err(StoreError::OlderCrl {
+                    issuer: crl.issuer.clone(),
+                    stored: crl_label(stored.number.as_deref(), stored.this_update),
+                    given: crl_label(crl.number.as_deref(), crl.this_update),
+                });
+            }
+            tx.execute("DELETE FROM crls WHERE id = ?1", [stored.id])?;
+        }
+        tx.execute(
+            "INSERT INTO crls (issuer, number, this_update, next_update, der, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, unixepoch())",
+            params![
+                crl.issuer,
+                crl.number,
+                crl.this_update,
+                crl.next_update,
+                crl.der
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        {
+            let mut insert = tx.prepare(
+                "INSERT OR IGNORE INTO crl_entries (crl_id, serial, revoked) VALUES (?1, ?2, ?3)",
+            )?;
+            for (serial, revoked) in &crl.revoked {
+                insert.execute(params![id, serial, revoked])?;
+            }
+        }
+        let entry = select_crls(&tx, Some(&crl.issuer))?
+            .pop()
+            .ok_or(StoreError::UnknownCrl(id))?;
+        tx.commit()?;
+        let added = match stored {
+            Some(_) => CrlAdded::Replaced,
+            None => CrlAdded::New,
+        };
+        Ok((entry, added))
+    }
+
+    pub fn crls(&self) -> Result<Vec<CrlEntry>, StoreError> {
+        select_crls(&self.conn, None)
+    }
+
+    pub fn remove_crl(&mut self, id: i64) -> Result<CrlEntry, StoreError> {
+        let tx = self.write()?;
+        let entry = select_crls(&tx, None)?
+            .into_iter()
+            .find(|c| c.id == id)
+            .ok_or(StoreError::UnknownCrl(id))?;
+        tx.execute("DELETE FROM crls WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(entry)
+    }
+
     /// A consistent copy of the live database (`VACUUM INTO`), mode 0600; never overwrites.
     pub fn backup(&self, dest: &Path) -> Result<(), StoreError> {
         let dest_str = dest
@@ -891,7 +1015,9 @@ fn select_certs(conn: &Connection, filter: Filter<'_>) -> Result<Vec<CertEntry>,
     };
     let mut stmt = conn.prepare(&format!(
         "SELECT c.alias, a.name, t.name, c.kind, c.sha256, c.subject, c.issuer, c.serial,
-                c.not_before, c.not_after, c.scopes, c.der
+                c.not_before, c.not_after, c.scopes, c.der,
+                EXISTS (SELECT 1 FROM crls r JOIN crl_entries e ON e.crl_id = r.id
+                        WHERE r.issuer = c.issuer AND e.serial = c.serial)
          FROM certs c
          JOIN apis a ON a.id = c.api_id
          JOIN tiers t ON t.id = c.tier_id
@@ -917,10 +1043,51 @@ fn select_certs(conn: &Connection, filter: Filter<'_>) -> Result<Vec<CertEntry>,
                 not_after: row.get(9)?,
                 scopes: split_scopes(&row.get::<_, String>(10)?),
                 der: row.get(11)?,
+                revoked: row.get(12)?,
             })
         })?
         .collect::<Result<_, _>>()?;
     Ok(certs)
+}
+
+fn select_crls(conn: &Connection, issuer: Option<&str>) -> Result<Vec<CrlEntry>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT r.id, r.issuer, r.number, r.this_update, r.next_update,
+                (SELECT count(*) FROM crl_entries e WHERE e.crl_id = r.id)
+         FROM crls r
+         WHERE ?1 IS NULL OR r.issuer = ?1
+         ORDER BY r.id",
+    )?;
+    let crls = stmt
+        .query_map([issuer], |row| {
+            Ok(CrlEntry {
+                id: row.get(0)?,
+                issuer: row.get(1)?,
+                number: row.get(2)?,
+                this_update: row.get(3)?,
+                next_update: row.get(4)?,
+                revoked: row.get::<_, i64>(5)? as usize,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(crls)
+}
+
+/// A CRL replaces the stored one of its issuer when its number is higher or, where either has
+/// no number, when it was issued later.
+fn crl_is_newer(given: &certs::Crl, stored: &CrlEntry) -> bool {
+    let number = |n: &str| (n.len(), n.to_owned());
+    match (given.number.as_deref(), stored.number.as_deref()) {
+        (Some(g), Some(s)) => number(g) > number(s),
+        _ => given.this_update > stored.this_update,
+    }
+}
+
+fn crl_label(number: Option<&str>, this_update: i64) -> String {
+    match number {
+        Some(n) => format!("number {n}, issued {}", certs::rfc3339(this_update)),
+        None => format!("issued {}", certs::rfc3339(this_update)),
+    }
 }
 
 #[derive(Debug, Error)]
@@ -987,6 +1154,7 @@ mod tests {
             not_after: info.not_after,
             scopes: vec!["read".into()],
             der,
+            revoked: false,
         }
     }
 
@@ -1025,6 +1193,30 @@ mod tests {
             Err(StoreError::Exists(_))
         ));
         Store::open_or_create(&path, &InitOptions::default()).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_on_open_and_keeps_its_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, path) = create(&dir);
+        store.add_api(&api("pizza", "/pizza")).unwrap();
+        store.add_cert(&entry("c1", "pizza", "one"), &[]).unwrap();
+        drop(store);
+        // What a version-1 database looks like: no CRL tables.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE crl_entries; DROP TABLE crls; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(conn);
+        let store = Store::open(&path).unwrap();
+        assert!(store.crls().unwrap().is_empty());
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(store.cert("c1").unwrap().api, "pizza");
+        assert!(!store.cert("c1").unwrap().revoked);
+        assert!(store.load_config().unwrap().crls.is_empty());
     }
 
     #[test]
@@ -1201,7 +1393,7 @@ mod tests {
         let pinned = store.add_cert(&same, &[]).unwrap_err();
         assert_eq!(
             pinned.to_string(),
-            "this certificate is already pinned on API \"pizza\" as \"c1\""
+            "this certificate is already registered on API \"pizza\" as \"c1\""
         );
         assert!(matches!(
             store.update_cert("c1", Some("Platinum"), Some(&["x".into()])),

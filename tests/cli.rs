@@ -115,7 +115,7 @@ fn cert_add_from_stdin_and_refusals() {
         &["cert", "add", "--api", "pizza", "--alias", "c2", "-"],
         cert.as_bytes(),
     );
-    assert!(error(&again).contains("already pinned on API \"pizza\" as \"c1\""));
+    assert!(error(&again).contains("already registered on API \"pizza\" as \"c1\""));
     let keyed = certgate_with_stdin(
         &db,
         &["cert", "add", "--api", "pizza", "--alias", "c2", "-"],
