@@ -43,6 +43,12 @@ pub enum CliError {
     Read { file: String, source: io::Error },
     #[error("the certificate in {file} expired on {date}")]
     Expired { file: String, date: String },
+    #[error("{0}")]
+    Unusable(Box<CliError>),
+    #[error(
+        "{0} of the certificates checked need attention (expired, or expiring within {1} days)"
+    )]
+    Attention(usize, i64),
     #[error("{0} is not a CA certificate (its basic constraints do not say CA:TRUE); add it without --ca to pin it")]
     NotCa(String),
     #[error("{file} cannot serve as a CA: {reason}")]
@@ -91,6 +97,7 @@ pub enum Command {
     Backup(BackupArgs),
     Quickstart(QuickstartArgs),
     Crl(CrlArgs),
+    Check(CheckArgs),
 }
 
 /// Certificate revocation lists: a client certificate a stored CRL of its issuer lists is
@@ -537,6 +544,19 @@ struct TierList {
     json: bool,
 }
 
+/// Check the store and its certificates: exit 0 when all is well, 1 when certificates have
+/// expired or expire soon, 2 when the store is unusable.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check")]
+pub struct CheckArgs {
+    /// warn about certificates that expire within this many days (default 30)
+    #[argh(option, default = "30")]
+    warn_days: i64,
+    /// check only that the store is usable (for ExecStartPre)
+    #[argh(switch)]
+    store_only: bool,
+}
+
 /// Write a consistent copy of the live database to FILE (never overwrites).
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "backup")]
@@ -558,6 +578,10 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // Output cut short by a closed pipe (`| head`) is not worth a message.
         Err(CliError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::FAILURE,
+        Err(CliError::Unusable(e)) => {
+            eprintln!("error: the store is unusable: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -614,6 +638,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Tier(args) => match args.command {
             TierCommand::List(list) => tier_list(&Store::open(&db)?, list.json, out),
         },
+        Command::Check(args) => run_check(&db, &args, out),
         Command::Crl(args) => run_crl(&mut Store::open(&db)?, args.command, out),
         Command::Quickstart(args) => {
             let listen = args
@@ -1169,6 +1194,44 @@ fn run_cert(store: &mut Store, command: CertCommand, out: &mut dyn Write) -> Res
             )?;
             Ok(())
         }
+    }
+}
+
+/// `check`: the store first (exit 2 when unusable), then the certificates (exit 1 when any
+/// has expired or expires within `--warn-days`).
+fn run_check(db: &Path, args: &CheckArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let unusable = |e: CliError| CliError::Unusable(Box::new(e));
+    let store = Store::open(db).map_err(|e| unusable(e.into()))?;
+    store.quick_check().map_err(|e| unusable(e.into()))?;
+    let config = store.load_config().map_err(|e| unusable(e.into()))?;
+    crate::tls::SessionState::new()
+        .and_then(|s| s.server_config(&config.server_cert_pem, &config.server_key_pem, false))
+        .map_err(|e| unusable(CliError::Serve(e.into())))?;
+    let server = server_cert_info(&store).map_err(unusable)?;
+    writeln!(
+        out,
+        "store {}: usable, {} APIs, {} certificates, {} CRLs",
+        db.display(),
+        config.apis.len(),
+        config.certs.len(),
+        config.crls.len()
+    )?;
+    if args.store_only {
+        return Ok(());
+    }
+    let lines = crate::check::report(&server, &config.certs, unix_now(), args.warn_days);
+    for line in &lines {
+        writeln!(
+            out,
+            "{:<13} {}: {}",
+            line.health.as_str(),
+            line.what,
+            line.detail
+        )?;
+    }
+    match lines.iter().filter(|l| l.health.needs_attention()).count() {
+        0 => Ok(()),
+        n => Err(CliError::Attention(n, args.warn_days)),
     }
 }
 

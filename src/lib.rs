@@ -7,6 +7,7 @@
 //!   and the parsing of user-facing strings such as backend URLs and path templates.
 //! - [`store`]: the SQLite file; the only module that touches rusqlite.
 //! - [`certs`]: reading client certificates (PEM, DER) and their fields with x509-parser.
+//! - [`check`]: `certgate check`, the health of the store and of its certificates (pure).
 //! - [`cli`]: the subcommands, their arguments and their output.
 //! - [`snapshot`]: the in-memory, immutable view of the store that the loop serves from.
 //! - [`route`]: routing a request path to an API and a resource (pure).
@@ -23,6 +24,7 @@
 
 pub mod buf;
 pub mod certs;
+pub mod check;
 pub mod cli;
 pub mod conn;
 pub mod echo;

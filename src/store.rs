@@ -309,6 +309,17 @@ impl Store {
             .pragma_query_value(None, "data_version", |row| row.get(0))?)
     }
 
+    /// SQLite's `PRAGMA quick_check`: a damaged file is [`StoreError::Corrupt`].
+    pub fn quick_check(&self) -> Result<(), StoreError> {
+        let result: String = self
+            .conn
+            .query_row("PRAGMA quick_check", [], |row| row.get(0))?;
+        match result.as_str() {
+            "ok" => Ok(()),
+            _ => Err(StoreError::Corrupt(result)),
+        }
+    }
+
     /// Everything the serving loop needs, read in one transaction.
     pub fn load_config(&self) -> Result<Config, StoreError> {
         let tx = self.conn.unchecked_transaction()?;

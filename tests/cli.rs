@@ -142,3 +142,105 @@ fn cert_add_from_stdin_and_refusals() {
         list
     );
 }
+
+fn fixture(name: &str) -> String {
+    format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_exits_0_1_or_2_and_names_each_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("certgate.db");
+    let missing = certgate(&db, &["check"]);
+    assert_eq!(missing.status.code(), Some(2), "{missing:?}");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no database at"));
+    assert!(!db.exists());
+
+    stdout(&certgate(&db, &["init"]));
+    let report = stdout(&certgate(&db, &["check"]));
+    assert!(
+        report.contains("usable") && report.contains("server certificate"),
+        "{report}"
+    );
+    stdout(&certgate(
+        &db,
+        &[
+            "api",
+            "add",
+            "pizza",
+            "--context",
+            "/pizza",
+            "--backend",
+            "http://127.0.0.1:9",
+        ],
+    ));
+    stdout(&certgate(
+        &db,
+        &[
+            "cert",
+            "add",
+            "--api",
+            "pizza",
+            "--alias",
+            "p256",
+            &fixture("leaf-p256.pem"),
+        ],
+    ));
+    stdout(&certgate(
+        &db,
+        &[
+            "cert",
+            "add",
+            "--api",
+            "pizza",
+            "--alias",
+            "gone",
+            &fixture("leaf-revoked.pem"),
+        ],
+    ));
+    stdout(&certgate(&db, &["crl", "add", &fixture("ca.crl.pem")]));
+    let report = stdout(&certgate(&db, &["check"]));
+    let line = |alias: &str| {
+        report
+            .lines()
+            .find(|l| l.contains(&format!("cert {alias} ")))
+            .unwrap_or_else(|| panic!("no line for {alias}: {report}"))
+            .to_owned()
+    };
+    assert!(line("p256").starts_with("ok "), "{report}");
+    assert!(line("gone").starts_with("revoked "), "{report}");
+
+    // The fixtures are valid for 100 years: a longer warning period finds them.
+    let soon = certgate(&db, &["check", "--warn-days", "40000"]);
+    assert_eq!(soon.status.code(), Some(1), "{soon:?}");
+    let report = String::from_utf8_lossy(&soon.stdout);
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("expiring ") && l.contains("cert p256 ")),
+        "{report}"
+    );
+    let stderr = String::from_utf8_lossy(&soon.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("need attention"),
+        "{stderr}"
+    );
+    stdout(&certgate(
+        &db,
+        &["check", "--warn-days", "40000", "--store-only"],
+    ));
+
+    // A damaged file: exit 2, with the reason.
+    let bytes = std::fs::read(&db).unwrap();
+    let damaged = dir.path().join("damaged.db");
+    std::fs::write(&damaged, &bytes[..bytes.len().min(1000)]).unwrap();
+    let out = certgate(&damaged, &["check", "--store-only"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: the store is unusable"),
+        "{stderr}"
+    );
+    std::fs::write(&damaged, b"not a database at all").unwrap();
+    assert_eq!(certgate(&damaged, &["check"]).status.code(), Some(2));
+}
