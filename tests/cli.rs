@@ -244,3 +244,76 @@ fn check_exits_0_1_or_2_and_names_each_certificate() {
     std::fs::write(&damaged, b"not a database at all").unwrap();
     assert_eq!(certgate(&damaged, &["check"]).status.code(), Some(2));
 }
+
+#[test]
+fn cert_show_pem_gives_back_the_certificate_and_its_chain_and_der_is_read_too() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("certgate.db");
+    stdout(&certgate(&db, &["init"]));
+    stdout(&certgate(
+        &db,
+        &[
+            "api",
+            "add",
+            "pizza",
+            "--context",
+            "/pizza",
+            "--backend",
+            "http://127.0.0.1:9",
+        ],
+    ));
+    let chained = fixture("leaf-via-intermediate.pem");
+    stdout(&certgate(
+        &db,
+        &[
+            "cert", "add", "--api", "pizza", "--alias", "chained", &chained,
+        ],
+    ));
+    let shown = stdout(&certgate(&db, &["cert", "show", "chained", "--pem"]));
+    let ders = |pem: &[u8]| -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let given = ders(&std::fs::read(&chained).unwrap());
+    assert_eq!(given.len(), 2);
+    assert_eq!(ders(shown.as_bytes()), given);
+
+    // The same leaf as DER is the same certificate: refused as already registered.
+    let der_file = dir.path().join("leaf.der");
+    std::fs::write(&der_file, &given[0]).unwrap();
+    let again = certgate(
+        &db,
+        &[
+            "cert",
+            "add",
+            "--api",
+            "pizza",
+            "--alias",
+            "der",
+            der_file.to_str().unwrap(),
+        ],
+    );
+    assert!(error(&again).contains("already registered on API \"pizza\" as \"chained\""));
+    let p256 = ders(&std::fs::read(fixture("leaf-p256.pem")).unwrap());
+    std::fs::write(&der_file, &p256[0]).unwrap();
+    let added = stdout(&certgate(
+        &db,
+        &[
+            "cert",
+            "add",
+            "--api",
+            "pizza",
+            "--alias",
+            "der",
+            "--json",
+            der_file.to_str().unwrap(),
+        ],
+    ));
+    let added: serde_json::Value = serde_json::from_str(&added).unwrap();
+    assert_eq!(added["subject"], "O=certgate tests, CN=leaf-p256");
+    assert_eq!(added["kind"], "pinned");
+}
