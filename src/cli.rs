@@ -20,7 +20,8 @@ use thiserror::Error;
 
 use crate::certs::{self, CertError, CertInfo, Validity};
 use crate::model::{
-    self, Api, AuthMode, Backend, CertEntry, CertKind, CrlEntry, ParseError, Resource,
+    self, Api, AuthMode, Backend, CertEntry, CertKind, CrlEntry, ParseError, Period, Rate,
+    Resource, Tier,
 };
 use crate::quickstart;
 use crate::server::{self, ServeError, ServeOptions};
@@ -532,7 +533,61 @@ pub struct TierArgs {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
 enum TierCommand {
+    Add(TierAdd),
     List(TierList),
+    Update(TierUpdate),
+    Remove(TierRemove),
+}
+
+/// Add a tier: N requests per second, minute, hour or day, with an optional burst.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "add")]
+struct TierAdd {
+    /// the tier's name
+    #[argh(positional)]
+    name: String,
+    /// requests per period
+    #[argh(option)]
+    requests: u64,
+    /// the period: second, minute, hour or day
+    #[argh(option)]
+    per: String,
+    /// how many requests a caller may make at once (default: the requests per period)
+    #[argh(option)]
+    burst: Option<u64>,
+    /// print the tier as JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Change a tier's numbers; applies to a running gateway, keeping what callers used.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "update")]
+struct TierUpdate {
+    /// the tier's name
+    #[argh(positional)]
+    name: String,
+    /// requests per period
+    #[argh(option)]
+    requests: Option<u64>,
+    /// the period: second, minute, hour or day
+    #[argh(option)]
+    per: Option<String>,
+    /// the burst (when not given and it was the requests per period, it follows them)
+    #[argh(option)]
+    burst: Option<u64>,
+    /// print the tier as JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Remove a tier that no certificate, API or resource uses.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "remove")]
+struct TierRemove {
+    /// the tier's name
+    #[argh(positional)]
+    name: String,
 }
 
 /// List the tiers.
@@ -637,6 +692,42 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Cert(args) => run_cert(&mut Store::open(&db)?, args.command, out),
         Command::Tier(args) => match args.command {
             TierCommand::List(list) => tier_list(&Store::open(&db)?, list.json, out),
+            TierCommand::Add(add) => {
+                let name = parse_name("tier name", &add.name)?;
+                let rate = Rate {
+                    requests: positive("requests", add.requests)?,
+                    per: add.per.parse()?,
+                    burst: positive("burst", add.burst.unwrap_or(add.requests))?,
+                };
+                let tier = Store::open(&db)?.add_tier(&name, rate)?;
+                print_tier(out, &tier, add.json)
+            }
+            TierCommand::Update(update) => {
+                let requests = update
+                    .requests
+                    .map(|n| positive("requests", n))
+                    .transpose()?;
+                let burst = update.burst.map(|n| positive("burst", n)).transpose()?;
+                let per: Option<Period> = update.per.as_deref().map(str::parse).transpose()?;
+                let tier = Store::open(&db)?.update_tier(&update.name, |old| {
+                    let new_requests = requests.unwrap_or(old.requests);
+                    Rate {
+                        requests: new_requests,
+                        per: per.unwrap_or(old.per),
+                        burst: burst.unwrap_or(if old.burst == old.requests {
+                            new_requests
+                        } else {
+                            old.burst
+                        }),
+                    }
+                })?;
+                print_tier(out, &tier, update.json)
+            }
+            TierCommand::Remove(remove) => {
+                let tier = Store::open(&db)?.remove_tier(&remove.name)?;
+                writeln!(out, "removed tier {}", tier.name)?;
+                Ok(())
+            }
         },
         Command::Check(args) => run_check(&db, &args, out),
         Command::Crl(args) => run_crl(&mut Store::open(&db)?, args.command, out),
@@ -1342,20 +1433,32 @@ fn print_cert(
     )
 }
 
+fn positive(option: &'static str, n: u64) -> Result<u64, CliError> {
+    if n == 0 {
+        return Err(CliError::Count {
+            option,
+            value: n.to_string(),
+        });
+    }
+    Ok(n)
+}
+
+fn print_tier(out: &mut dyn Write, tier: &Tier, json: bool) -> Result<(), CliError> {
+    if json {
+        return print_json(out, &TierJson::new(tier));
+    }
+    tier_table(out, &[TierJson::new(tier)])
+}
+
 fn tier_list(store: &Store, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    let tiers: Vec<TierJson> = store
-        .tiers()?
-        .iter()
-        .map(|t| TierJson {
-            name: t.name.clone(),
-            requests: t.rate.map(|r| r.requests),
-            per: t.rate.map(|r| r.per.as_str()),
-            burst: t.rate.map(|r| r.burst),
-        })
-        .collect();
+    let tiers: Vec<TierJson> = store.tiers()?.iter().map(TierJson::new).collect();
     if json {
         return print_json(out, &tiers);
     }
+    tier_table(out, &tiers)
+}
+
+fn tier_table(out: &mut dyn Write, tiers: &[TierJson]) -> Result<(), CliError> {
     let show = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
     let rows = tiers
         .iter()
@@ -1627,6 +1730,17 @@ struct TierJson {
     requests: Option<u64>,
     per: Option<&'static str>,
     burst: Option<u64>,
+}
+
+impl TierJson {
+    fn new(t: &Tier) -> Self {
+        Self {
+            name: t.name.clone(),
+            requests: t.rate.map(|r| r.requests),
+            per: t.rate.map(|r| r.per.as_str()),
+            burst: t.rate.map(|r| r.burst),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,12 @@ pub enum StoreError {
     UnknownApi(String),
     #[error("unknown tier {0:?}; see certgate tier list")]
     UnknownTier(String),
+    #[error("a tier named {0:?} already exists")]
+    TierExists(String),
+    #[error("tier Unlimited is built in: it has no rate and cannot be changed or removed")]
+    UnlimitedTier,
+    #[error("tier {tier:?} is in use by {users}; move them to another tier first")]
+    TierInUse { tier: String, users: String },
     #[error("an API named {0:?} already exists")]
     ApiExists(String),
     #[error("base path {base_path} is already served by API {api:?}")]
@@ -364,6 +370,94 @@ impl Store {
 
     pub fn tiers(&self) -> Result<Vec<Tier>, StoreError> {
         select_tiers(&self.conn)
+    }
+
+    pub fn add_tier(&mut self, name: &str, rate: Rate) -> Result<Tier, StoreError> {
+        let tx = self.write()?;
+        if tier_id(&tx, name).is_ok() {
+            return Err(StoreError::TierExists(name.to_owned()));
+        }
+        tx.execute(
+            "INSERT INTO tiers (name, requests, per, burst) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                name,
+                clamp_i64(rate.requests),
+                rate.per.as_str(),
+                clamp_i64(rate.burst)
+            ],
+        )?;
+        let tier = select_tier(&tx, name)?;
+        tx.commit()?;
+        Ok(tier)
+    }
+
+    /// Changes a tier's numbers; `change` says what the new rate is given the old one.
+    pub fn update_tier(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(Rate) -> Rate,
+    ) -> Result<Tier, StoreError> {
+        let tx = self.write()?;
+        let tier = select_tier(&tx, name)?;
+        let rate = change(tier.rate.ok_or(StoreError::UnlimitedTier)?);
+        tx.execute(
+            "UPDATE tiers SET requests = ?2, per = ?3, burst = ?4 WHERE name = ?1",
+            params![
+                tier.name,
+                clamp_i64(rate.requests),
+                rate.per.as_str(),
+                clamp_i64(rate.burst)
+            ],
+        )?;
+        let tier = select_tier(&tx, name)?;
+        tx.commit()?;
+        Ok(tier)
+    }
+
+    /// Removes a tier that nothing uses; else says who uses it.
+    pub fn remove_tier(&mut self, name: &str) -> Result<Tier, StoreError> {
+        let tx = self.write()?;
+        let tier = select_tier(&tx, name)?;
+        if tier.rate.is_none() {
+            return Err(StoreError::UnlimitedTier);
+        }
+        let id = tier_id(&tx, &tier.name)?;
+        let users = |sql: &str| -> Result<Vec<String>, StoreError> {
+            Ok(tx
+                .prepare(sql)?
+                .query_map([id], |row| row.get(0))?
+                .collect::<Result<_, _>>()?)
+        };
+        let mut parts = Vec::new();
+        for (what, sql) in [
+            (
+                "certificates",
+                "SELECT alias FROM certs WHERE tier_id = ?1 ORDER BY alias",
+            ),
+            (
+                "APIs",
+                "SELECT name FROM apis WHERE tier_id = ?1 ORDER BY name",
+            ),
+            (
+                "resources",
+                "SELECT a.name || ' ' || r.method || ' ' || r.path FROM resources r
+                 JOIN apis a ON a.id = r.api_id WHERE r.tier_id = ?1 ORDER BY 1",
+            ),
+        ] {
+            let names = users(sql)?;
+            if !names.is_empty() {
+                parts.push(format!("{what} {}", names.join(", ")));
+            }
+        }
+        if !parts.is_empty() {
+            return Err(StoreError::TierInUse {
+                tier: tier.name,
+                users: parts.join("; "),
+            });
+        }
+        tx.execute("DELETE FROM tiers WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(tier)
     }
 
     pub fn add_api(&mut self, api: &Api) -> Result<(), StoreError> {
@@ -928,6 +1022,18 @@ where
     value.map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
     })
+}
+
+fn select_tier(conn: &Connection, name: &str) -> Result<Tier, StoreError> {
+    select_tiers(conn)?
+        .into_iter()
+        .find(|t| t.name.eq_ignore_ascii_case(name))
+        .ok_or_else(|| StoreError::UnknownTier(name.to_owned()))
+}
+
+/// SQLite integers are signed: larger counts are stored as the largest one.
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn select_tiers(conn: &Connection) -> Result<Vec<Tier>, StoreError> {

@@ -1,0 +1,268 @@
+//! Token buckets (SPEC 3, Throttling) in the form of the generic cell rate algorithm: a bucket
+//! is one number, the time at which it is full again. A tier of N requests per period with
+//! burst B gives each request a cost of one interval (period / N) and lets the bucket run up
+//! to B intervals ahead of the clock; a bucket whose time has passed is full, so it can be
+//! dropped. Pure integer arithmetic on nanoseconds since the Unix epoch: no clock, no I/O.
+//!
+//! What this module leaves to others: which buckets apply to a request ([`crate::policy`] and
+//! the connection), where buckets live and when they are saved ([`crate::server`],
+//! [`crate::store`]).
+
+use crate::model::{Period, Rate};
+
+pub const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// A rate as the arithmetic needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    /// Nanoseconds one request costs: the period divided by N (at least 1).
+    pub interval: u64,
+    /// How many requests the bucket holds.
+    pub burst: u64,
+}
+
+impl Limit {
+    pub fn new(rate: &Rate) -> Self {
+        let period = period_nanos(rate.per);
+        Self {
+            interval: (period / rate.requests.max(1)).max(1),
+            burst: rate.burst.max(1),
+        }
+    }
+
+    /// How far ahead of the clock a bucket may run: `burst` intervals.
+    fn capacity(self) -> u128 {
+        u128::from(self.interval) * u128::from(self.burst)
+    }
+}
+
+pub fn period_nanos(per: Period) -> u64 {
+    let secs = match per {
+        Period::Second => 1,
+        Period::Minute => 60,
+        Period::Hour => 3_600,
+        Period::Day => 86_400,
+    };
+    secs * NANOS_PER_SEC
+}
+
+/// What a bucket says to one more request at some moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// Allowed: the bucket's new time, the requests left after this one, and the nanoseconds
+    /// until it is full again.
+    Allowed {
+        full_at: u64,
+        remaining: u64,
+        reset: u64,
+    },
+    /// Refused, the bucket unchanged: nanoseconds until one request would pass, and until it
+    /// is full again.
+    Refused { retry_after: u64, reset: u64 },
+}
+
+impl Take {
+    /// Requests left after this one (none when refused): what picks the tightest bucket.
+    pub fn remaining(self) -> u64 {
+        match self {
+            Self::Allowed { remaining, .. } => remaining,
+            Self::Refused { .. } => 0,
+        }
+    }
+}
+
+/// Asks a bucket that is full again at `full_at` (0 for a new one) for one request at `now`.
+pub fn take(full_at: u64, limit: Limit, now: u64) -> Take {
+    let base = full_at.max(now);
+    let after = base.saturating_add(limit.interval);
+    let used = u128::from(after - now);
+    let capacity = limit.capacity();
+    if used > capacity {
+        return Take::Refused {
+            retry_after: saturating_u64(used - capacity),
+            reset: base - now,
+        };
+    }
+    Take::Allowed {
+        full_at: after,
+        remaining: saturating_u64((capacity - used) / u128::from(limit.interval)),
+        reset: after - now,
+    }
+}
+
+/// Carries a bucket over to a changed limit, keeping what it has used: the requests it is
+/// ahead of the clock stay as many requests at the new interval.
+pub fn rescale(full_at: u64, from: Limit, to: Limit, now: u64) -> u64 {
+    if full_at <= now || from.interval == to.interval {
+        return full_at;
+    }
+    let ahead = u128::from(full_at - now) * u128::from(to.interval) / u128::from(from.interval);
+    now.saturating_add(saturating_u64(ahead))
+}
+
+/// Whole seconds for a header, rounded up; at least `min`.
+pub fn whole_seconds(nanos: u64, min: u64) -> u64 {
+    nanos.div_ceil(NANOS_PER_SEC).max(min)
+}
+
+/// A clock that never goes backwards: the wall clock as given, or the last time it said if
+/// the wall clock stepped back, so that no bucket refills twice.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Monotonic {
+    last: u64,
+}
+
+impl Monotonic {
+    pub fn now(&mut self, wall: u64) -> u64 {
+        self.last = self.last.max(wall);
+        self.last
+    }
+}
+
+fn saturating_u64(n: u128) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = NANOS_PER_SEC;
+    const T0: u64 = 1_750_000_000 * S;
+
+    fn per_minute(requests: u64, burst: u64) -> Limit {
+        Limit::new(&Rate {
+            requests,
+            per: Period::Minute,
+            burst,
+        })
+    }
+
+    /// Takes requests at `now` until one is refused; returns how many passed and the refusal.
+    fn drain(full_at: &mut u64, limit: Limit, now: u64) -> (u64, Take) {
+        let mut passed = 0;
+        loop {
+            match take(*full_at, limit, now) {
+                Take::Allowed { full_at: f, .. } => {
+                    *full_at = f;
+                    passed += 1;
+                }
+                refused => return (passed, refused),
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_bucket_holds_its_burst_then_refuses_until_a_request_is_back() {
+        let limit = per_minute(5, 5);
+        assert_eq!(limit.interval, 12 * S);
+        assert_eq!(
+            take(0, limit, T0),
+            Take::Allowed {
+                full_at: T0 + 12 * S,
+                remaining: 4,
+                reset: 12 * S
+            }
+        );
+        let mut full_at = 0;
+        let (passed, refused) = drain(&mut full_at, limit, T0);
+        assert_eq!(passed, 5);
+        assert_eq!(
+            refused,
+            Take::Refused {
+                retry_after: 12 * S,
+                reset: 60 * S
+            }
+        );
+        // One interval later exactly one more passes.
+        assert_eq!(drain(&mut full_at, limit, T0 + 12 * S).0, 1);
+        assert!(matches!(
+            take(full_at, limit, T0 + 12 * S + 1),
+            Take::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn refill_is_steady_and_burst_caps_it() {
+        // 60 per minute with a burst of 10: one per second, at most 10 at once.
+        let limit = per_minute(60, 10);
+        let mut full_at = 0;
+        assert_eq!(drain(&mut full_at, limit, T0).0, 10);
+        assert_eq!(drain(&mut full_at, limit, T0 + 3 * S).0, 3);
+        // A long idle refills to the burst, never beyond.
+        assert_eq!(drain(&mut full_at, limit, T0 + 3_600 * S).0, 10);
+        // A burst larger than N lets a quiet caller spend more at once.
+        let limit = per_minute(60, 120);
+        let mut full_at = 0;
+        assert_eq!(drain(&mut full_at, limit, T0).0, 120);
+    }
+
+    #[test]
+    fn a_refusal_takes_nothing() {
+        let limit = per_minute(1, 1);
+        let full_at = match take(0, limit, T0) {
+            Take::Allowed { full_at, .. } => full_at,
+            refused => panic!("{refused:?}"),
+        };
+        for _ in 0..100 {
+            assert!(matches!(take(full_at, limit, T0 + S), Take::Refused { .. }));
+        }
+        assert!(matches!(
+            take(full_at, limit, T0 + 60 * S),
+            Take::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn day_tiers_and_huge_numbers_do_not_overflow() {
+        let limit = Limit::new(&Rate {
+            requests: 1,
+            per: Period::Day,
+            burst: u64::MAX,
+        });
+        assert!(matches!(take(0, limit, T0), Take::Allowed { .. }));
+        let fast = Limit::new(&Rate {
+            requests: u64::MAX,
+            per: Period::Second,
+            burst: 1,
+        });
+        assert_eq!(fast.interval, 1);
+        assert!(matches!(take(u64::MAX - 1, fast, T0), Take::Refused { .. }));
+        assert_eq!(whole_seconds(1, 1), 1);
+        assert_eq!(whole_seconds(0, 1), 1);
+        assert_eq!(whole_seconds(S + 1, 1), 2);
+    }
+
+    #[test]
+    fn a_changed_limit_keeps_what_was_used() {
+        let old = per_minute(10, 10);
+        let mut full_at = 0;
+        for _ in 0..4 {
+            if let Take::Allowed { full_at: f, .. } = take(full_at, old, T0) {
+                full_at = f;
+            }
+        }
+        // Four used of ten; the new tier has 100 a minute: still four used, 96 left.
+        let new = per_minute(100, 100);
+        let full_at = rescale(full_at, old, new, T0);
+        assert_eq!(take(full_at, new, T0).remaining(), 95);
+        // A bucket already full stays full.
+        assert_eq!(rescale(T0 - 1, old, new, T0), T0 - 1);
+    }
+
+    #[test]
+    fn the_clock_never_goes_backwards() {
+        let mut clock = Monotonic::default();
+        assert_eq!(clock.now(T0), T0);
+        assert_eq!(clock.now(T0 - 5 * S), T0);
+        assert_eq!(clock.now(T0 + S), T0 + S);
+        // A refused bucket stays refused while the wall clock steps back.
+        let limit = per_minute(1, 1);
+        let mut full_at = 0;
+        drain(&mut full_at, limit, clock.now(T0 + S));
+        assert!(matches!(
+            take(full_at, limit, clock.now(T0 - 3_600 * S)),
+            Take::Refused { .. }
+        ));
+    }
+}
