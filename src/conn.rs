@@ -26,6 +26,7 @@ use crate::policy::{self, ClientCert, Decision, Standing};
 use crate::pool::Pool;
 use crate::route::ResourceMatch;
 use crate::snapshot::Snapshot;
+use crate::throttle::{Buckets, Key, Kind, Limit, Outcome, RateHeaders};
 
 /// How much of a body each direction holds at most, per buffer.
 const BUFFER: usize = 64 * 1024;
@@ -82,6 +83,10 @@ pub struct Context<'a> {
     pub draining: bool,
     pub request_ids: &'a mut RequestIds,
     pub pool: &'a mut Pool,
+    /// The throttling buckets, and the clock they run on (nanoseconds since the Unix epoch,
+    /// never going backwards).
+    pub buckets: &'a mut Buckets,
+    pub bucket_now: u64,
 }
 
 /// Fresh request ids: a random prefix chosen at start, and a counter.
@@ -142,6 +147,8 @@ enum Phase {
 struct Exchange {
     /// The backend connection (the connection's lease from the pool) has finished connecting.
     connected: bool,
+    /// The tightest bucket's state, for the answer's `RateLimit-*` headers.
+    rate: Option<RateHeaders>,
     addrs: Rc<[SocketAddr]>,
     /// Index in `addrs` of the address being tried.
     addr: usize,
@@ -201,6 +208,14 @@ enum Response {
     Done,
 }
 
+/// A request that routing and policy let through.
+struct Routed {
+    api: usize,
+    resource: Option<usize>,
+    /// The certificate entry that let the caller in; none for a public resource.
+    entry: Option<usize>,
+}
+
 /// A verdict of [`policy::standing`] and what it holds for.
 struct CachedStanding {
     generation: u64,
@@ -213,6 +228,9 @@ struct CachedStanding {
 
 /// How long a CA-issued certificate's checked chain is trusted without checking it again.
 const STANDING_TTL: i64 = 60;
+
+/// The APIs a connection keeps its certificate's standing for at once.
+const MAX_STANDINGS: usize = 8;
 
 /// Who an exchange waits for; the deadline runs from the last time that side moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,9 +254,9 @@ pub struct Conn {
     /// The backend connection leased from the pool while an exchange runs.
     backend: Option<usize>,
     client_cert: Option<ClientCert>,
-    /// The client certificate's standing for one API, found under one snapshot generation at
-    /// one time ([`Conn::standing`]).
-    standing: Option<CachedStanding>,
+    /// The client certificate's standing for the APIs it called, found under one snapshot
+    /// generation ([`Conn::refresh_standing`]); at most [`MAX_STANDINGS`].
+    standings: Vec<CachedStanding>,
     /// `Client-Cert` and `Client-Cert-Chain` values (RFC 9440) for the backend.
     cert_headers: Option<(String, Option<String>)>,
     /// Plaintext from the client not yet consumed.
@@ -279,7 +297,7 @@ impl Conn {
             key,
             backend: None,
             client_cert: None,
-            standing: None,
+            standings: Vec::new(),
             cert_headers: None,
             input: ReadBuf::default(),
             spare_buffers: (Vec::new(), ReadBuf::default()),
@@ -622,10 +640,13 @@ impl Conn {
             Ok(_) if matches!(self.head.framing, Some(Framing::Length(n)) if n > cx.limits.max_body) => {
                 body_too_large(cx.limits.max_body)
             }
-            Ok((api, cert_passed)) => {
-                self.forward(api, cert_passed, request_id, cx);
-                return true;
-            }
+            Ok(routed) => match self.throttle(&routed, cx) {
+                Ok(rate) => {
+                    self.forward(routed.api, routed.entry.is_some(), rate, request_id, cx);
+                    return true;
+                }
+                Err(problem) => problem,
+            },
             Err(problem) => problem,
         };
         // The body, if any, is not read: the connection closes after the answer.
@@ -647,9 +668,9 @@ impl Conn {
         true
     }
 
-    /// Routes and judges the parsed head: the API's index, and whether the client certificate
-    /// passed (a public resource lets anyone through).
-    fn route(&mut self, cx: &Context<'_>) -> Result<(usize, bool), Problem> {
+    /// Routes and judges the parsed head: the API, the resource and the certificate entry that
+    /// let the caller through (none for a public resource).
+    fn route(&mut self, cx: &Context<'_>) -> Result<Routed, Problem> {
         let snapshot = cx.snapshot;
         // httparse only accepts visible ASCII in the target.
         let path = std::str::from_utf8(&self.input[self.head.path.clone()]).unwrap_or("/");
@@ -659,9 +680,9 @@ impl Conn {
             .find(path)
             .ok_or_else(|| Problem::not_found(path))?;
         let view = &snapshot.apis[index];
-        let resource = match crate::route::match_resource(&view.resources, method, rest) {
+        let resource_index = match crate::route::match_resource(&view.resources, method, rest) {
             ResourceMatch::Unrestricted => None,
-            ResourceMatch::Matched(i) => Some(&view.resources[i]),
+            ResourceMatch::Matched(i) => Some(i),
             ResourceMatch::NotFound => return Err(Problem::not_found(path)),
             ResourceMatch::MethodNotAllowed(allow) => {
                 let mut problem = Problem::new(
@@ -674,43 +695,140 @@ impl Conn {
                 return Err(problem);
             }
         };
-        self.refresh_standing(index, cx);
+        let resource = resource_index.map(|i| &view.resources[i]);
+        let standing = self.refresh_standing(index, cx);
         let caller = self
             .client_cert
             .as_ref()
-            .zip(self.standing.as_ref().map(|c| &c.standing));
+            .zip(standing.map(|i| &self.standings[i].standing));
         match policy::decide(caller, view, resource, cx.unix_now) {
-            Decision::Allow { entry } => Ok((index, entry.is_some())),
+            Decision::Allow { entry } => Ok(Routed {
+                api: index,
+                resource: resource_index,
+                entry,
+            }),
             Decision::Refuse(refusal) => Err(refusal.to_problem()),
         }
     }
 
-    /// Makes sure `standing` holds the client certificate's standing for API `api` of the
-    /// current snapshot: kept while the generation and the API are the same (and, for a
-    /// CA-issued certificate, for [`STANDING_TTL`]), so webpki runs once per connection, API
-    /// and change rather than per request (SPEC 8).
-    fn refresh_standing(&mut self, api: usize, cx: &Context<'_>) {
-        let Some(cert) = &self.client_cert else {
-            return;
+    /// Takes a token from every bucket that applies to the routed request (SPEC 3): the
+    /// caller's, the resource's per caller, the API's. Refused with 429 when any is empty.
+    fn throttle(
+        &self,
+        routed: &Routed,
+        cx: &mut Context<'_>,
+    ) -> Result<Option<RateHeaders>, Problem> {
+        let view = &cx.snapshot.apis[routed.api];
+        let t = &view.throttle;
+        let (entry_key, caller) = match (routed.entry, &self.client_cert) {
+            (Some(e), Some(cert)) => (t.entries[e].0, cert.sha256),
+            _ => (0, [0; 32]),
         };
-        let fresh = self.standing.as_ref().is_some_and(|c| {
-            c.generation == cx.snapshot.generation
-                && c.api == api
-                && (matches!(c.standing, Standing::Pinned(_))
-                    || cx.unix_now - c.found < STANDING_TTL)
-        });
-        if fresh {
-            return;
+        let mut wants: [(Key, Limit); 3] = [(
+            Key {
+                kind: Kind::Api,
+                scope: 0,
+                entry: 0,
+                caller,
+            },
+            Limit {
+                interval: 1,
+                burst: 1,
+            },
+        ); 3];
+        let mut n = 0;
+        let mut push =
+            |kind: Kind, scope: u64, entry: u64, caller: [u8; 32], limit: Option<Limit>| {
+                if let Some(limit) = limit {
+                    wants[n] = (
+                        Key {
+                            kind,
+                            scope,
+                            entry,
+                            caller,
+                        },
+                        limit,
+                    );
+                    n += 1;
+                }
+            };
+        if let Some(e) = routed.entry {
+            push(Kind::Caller, t.key, entry_key, caller, t.entries[e].1);
+        }
+        if let Some(r) = routed.resource {
+            let (key, limit) = t.resources[r];
+            push(Kind::Resource, key, entry_key, caller, limit);
+        }
+        push(Kind::Api, t.key, 0, [0; 32], t.limit);
+        match cx.buckets.take(&wants[..n], cx.bucket_now) {
+            Outcome::Allowed(rate) => Ok(rate),
+            Outcome::Throttled {
+                by,
+                retry_after,
+                headers,
+            } => {
+                let (whose, tier) = match wants[by].0.kind {
+                    Kind::Caller => (
+                        "the caller's",
+                        routed.entry.map(|e| view.certs[e].tier.as_str()),
+                    ),
+                    Kind::Resource => (
+                        "the resource's",
+                        routed
+                            .resource
+                            .and_then(|r| view.resources[r].tier.as_deref()),
+                    ),
+                    Kind::Api => ("the API's", view.api.tier.as_deref()),
+                };
+                let mut problem = Problem::new(
+                    429,
+                    "throttled",
+                    "Too many requests",
+                    format!(
+                        "{whose} tier {} allows no more requests to API {} now; retry in {retry_after} s",
+                        tier.unwrap_or("-"),
+                        view.api.name
+                    ),
+                );
+                let mut headers_text = Vec::new();
+                http::write_rate_headers(&headers, &mut headers_text);
+                problem.headers = format!(
+                    "Retry-After: {retry_after}\r\n{}",
+                    String::from_utf8_lossy(&headers_text)
+                );
+                Err(problem)
+            }
+        }
+    }
+
+    /// The index in `standings` of the client certificate's standing for API `api` of the
+    /// current snapshot, found now if it is not known: kept while the generation is the same
+    /// (and, for a CA-issued certificate, for [`STANDING_TTL`]), so webpki runs once per
+    /// connection, API and change rather than per request (SPEC 8).
+    fn refresh_standing(&mut self, api: usize, cx: &Context<'_>) -> Option<usize> {
+        let cert = self.client_cert.as_ref()?;
+        let generation = cx.snapshot.generation;
+        self.standings.retain(|c| c.generation == generation);
+        let found = self.standings.iter().position(|c| c.api == api);
+        if let Some(i) = found {
+            let c = &self.standings[i];
+            if matches!(c.standing, Standing::Pinned(_)) || cx.unix_now - c.found < STANDING_TTL {
+                return Some(i);
+            }
+            self.standings.swap_remove(i);
+        }
+        if self.standings.len() >= MAX_STANDINGS {
+            self.standings.remove(0);
         }
         let chain = self.tls.peer_certificates().unwrap_or(&[]);
         let view = &cx.snapshot.apis[api];
-        let standing = policy::standing(cert, chain, view, cx.snapshot, cx.unix_now);
-        self.standing = Some(CachedStanding {
-            generation: cx.snapshot.generation,
+        self.standings.push(CachedStanding {
+            generation,
             api,
             found: cx.unix_now,
-            standing,
+            standing: policy::standing(cert, chain, view, cx.snapshot, cx.unix_now),
         });
+        Some(self.standings.len() - 1)
     }
 
     /// Starts forwarding the parsed request to the API's backend, on a pooled connection when
@@ -719,6 +837,7 @@ impl Conn {
         &mut self,
         api: usize,
         cert_passed: bool,
+        rate: Option<RateHeaders>,
         request_id: RequestId,
         cx: &mut Context<'_>,
     ) {
@@ -781,6 +900,7 @@ impl Conn {
                 .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
         self.phase = Phase::Proxying(Exchange {
+            rate,
             connected,
             addrs,
             addr,
@@ -943,7 +1063,7 @@ impl Conn {
                     // Interim answers pass on to HTTP/1.1 clients; the final one follows.
                     if self.head.minor_version == 1 {
                         let out = &mut self.output;
-                        http::write_client_head(&ex.from_backend, head, false, false, out);
+                        http::write_client_head(&ex.from_backend, head, false, false, None, out);
                     }
                     ex.from_backend.consume(head.len);
                     return true;
@@ -961,7 +1081,8 @@ impl Conn {
                 ex.backend_keep_alive =
                     head.keep_alive && framing != Framing::UntilClose && !http10;
                 let out = &mut self.output;
-                http::write_client_head(&ex.from_backend, head, ex.close, http10, out);
+                let rate = ex.rate.as_ref();
+                http::write_client_head(&ex.from_backend, head, ex.close, http10, rate, out);
                 ex.from_backend.consume(head.len);
                 ex.response = Response::Body {
                     body: Body::new(framing),

@@ -9,6 +9,8 @@ use std::ops::Range;
 
 use thiserror::Error;
 
+use crate::throttle::RateHeaders;
+
 /// The most header lines a request or response head may have.
 pub const MAX_HEADERS: usize = 100;
 
@@ -345,6 +347,7 @@ pub fn write_client_head(
     head: &ResponseHead,
     close: bool,
     http10: bool,
+    rate: Option<&RateHeaders>,
     out: &mut Vec<u8>,
 ) {
     let _ = write!(Latin1(out), "HTTP/1.1 {} ", head.status);
@@ -358,13 +361,34 @@ pub fn write_client_head(
             || named_in_connection(buf, &head.headers, name)
             || (drop_length && name.eq_ignore_ascii_case(b"content-length"))
             || (http10 && chunked && name.eq_ignore_ascii_case(b"transfer-encoding"))
+            || (rate.is_some() && is_rate_limit_header(name))
         {
             continue;
         }
         push_header(out, name, &buf[h.value.clone()]);
     }
+    if let Some(rate) = rate {
+        write_rate_headers(rate, out);
+    }
     out.extend_from_slice(connection_header(close, http10));
     out.extend_from_slice(b"\r\n");
+}
+
+/// `RateLimit-Limit`, `-Remaining` and `-Reset` lines for the tightest bucket.
+pub fn write_rate_headers(rate: &RateHeaders, out: &mut Vec<u8>) {
+    let _ = write!(
+        Latin1(out),
+        "RateLimit-Limit: {}\r\nRateLimit-Remaining: {}\r\nRateLimit-Reset: {}\r\n",
+        rate.limit,
+        rate.remaining,
+        rate.reset
+    );
+}
+
+/// The backend's own rate-limit headers, which the gateway's replace where it throttles.
+fn is_rate_limit_header(name: &[u8]) -> bool {
+    name.len() > 10 && name[..10].eq_ignore_ascii_case(b"ratelimit-")
+        || name.eq_ignore_ascii_case(b"retry-after")
 }
 
 /// The `Connection` line of an answer: `close` when the connection ends after it; `keep-alive`
@@ -462,6 +486,7 @@ impl Problem {
 
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
+        200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -865,12 +890,12 @@ mod tests {
         let mut head = ResponseHead::default();
         assert!(parse_response(raw, false, &mut head).unwrap());
         let mut out = Vec::new();
-        write_client_head(raw, &head, false, false, &mut out);
+        write_client_head(raw, &head, false, false, None, &mut out);
         assert_eq!(out, b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\n");
         let raw = "HTTP/1.1 200 \u{c7}a va\r\nX-Empty:\r\n\r\n".as_bytes();
         assert!(parse_response(raw, false, &mut head).unwrap());
         out.clear();
-        write_client_head(raw, &head, false, false, &mut out);
+        write_client_head(raw, &head, false, false, None, &mut out);
         assert!(out.starts_with(b"HTTP/1.1 200 "), "{out:?}");
         assert!(out.ends_with(b"\r\nX-Empty: \r\n\r\n"), "{out:?}");
     }
@@ -888,7 +913,7 @@ mod tests {
         let mut head = ResponseHead::default();
         assert!(parse_response(raw, false, &mut head).unwrap());
         let mut out = Vec::new();
-        write_client_head(raw, &head, false, false, &mut out);
+        write_client_head(raw, &head, false, false, None, &mut out);
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("Transfer-Encoding: chunked"));
@@ -902,7 +927,7 @@ mod tests {
         assert_eq!(head.framing, Some(Framing::Chunked));
         assert!(!head.keep_alive);
         let mut out = Vec::new();
-        write_client_head(raw, &head, true, false, &mut out);
+        write_client_head(raw, &head, true, false, None, &mut out);
         assert!(!String::from_utf8(out).unwrap().contains("Content-Length"));
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n";
         assert!(parse_response(raw, false, &mut head).unwrap());

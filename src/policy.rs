@@ -125,11 +125,9 @@ pub fn standing(
     let who = || cert.subject.clone();
     match verified {
         Ok(path) => {
+            // webpki hands back the very anchor of the slice it was given.
             let anchor = path.anchor();
-            let found = api.anchors.iter().position(|a| {
-                a.subject == anchor.subject
-                    && a.subject_public_key_info == anchor.subject_public_key_info
-            });
+            let found = api.anchors.iter().position(|a| std::ptr::eq(a, anchor));
             match found {
                 Some(i) => Standing::Issued(api.anchor_entries[i]),
                 None => Standing::NotRegistered(None),
@@ -200,8 +198,24 @@ pub fn decide(
                 entry.not_after,
             )
         }
-        // The chain was checked when the standing was found; the clock moves on since.
-        Standing::Issued(i) => (*i, cert.subject.clone(), cert.not_before, cert.not_after),
+        // The chain was checked when the standing was found; the clock moves on since. The
+        // CA entry itself is an anchor to webpki, which never judges anchors: its own
+        // revocation and validity are checked here.
+        Standing::Issued(i) => {
+            let ca = &api.certs[*i];
+            if ca.revoked {
+                return Decision::Refuse(Refusal::CertificateRevoked {
+                    who: format!("{} (its CA entry {:?})", cert.subject, ca.alias),
+                });
+            }
+            if now > ca.not_after {
+                return Decision::Refuse(Refusal::CertificateExpired {
+                    who: format!("{} (its CA entry {:?})", cert.subject, ca.alias),
+                    not_after: ca.not_after,
+                });
+            }
+            (*i, cert.subject.clone(), cert.not_before, cert.not_after)
+        }
         Standing::NotRegistered(why) => {
             return Decision::Refuse(Refusal::CertificateNotAllowed {
                 subject: cert.subject.clone(),
@@ -331,6 +345,7 @@ mod tests {
             pinned,
             anchors: Vec::new(),
             anchor_entries: Vec::new(),
+            throttle: Default::default(),
         }
     }
 
@@ -415,24 +430,47 @@ mod tests {
     }
 
     #[test]
-    fn a_ca_issued_standing_is_held_to_the_leafs_own_validity_and_the_cas_scopes() {
+    fn a_ca_issued_standing_is_held_to_the_leafs_and_the_cas_validity_and_revocation() {
+        // The CA entry is valid from 1000 to 2000, the leaf from 500 to 3000.
         let mut ca = entry("ca", 9, &["read"]);
         ca.kind = CertKind::Ca;
-        let api = view(vec![ca]);
+        let mut api = view(vec![ca]);
         let cert = client(7);
         let issued = Standing::Issued(0);
         assert_eq!(
-            decide(Some((&cert, &issued)), &api, None, 2_500),
-            Decision::Allow { entry: Some(0) },
-            "the leaf is valid until 3000, whatever the CA entry's fields say"
+            decide(Some((&cert, &issued)), &api, None, 1_500),
+            Decision::Allow { entry: Some(0) }
         );
+        assert!(
+            matches!(
+                decide(Some((&cert, &issued)), &api, None, 2_500),
+                Decision::Refuse(Refusal::CertificateExpired {
+                    not_after: 2_000,
+                    ..
+                })
+            ),
+            "an expired CA entry lets no leaf in"
+        );
+        let mut leaf = client(7);
+        leaf.not_after = 1_200;
         assert!(matches!(
-            decide(Some((&cert, &issued)), &api, None, 3_001),
-            Decision::Refuse(Refusal::CertificateExpired { .. })
+            decide(Some((&leaf, &issued)), &api, None, 1_500),
+            Decision::Refuse(Refusal::CertificateExpired {
+                not_after: 1_200,
+                ..
+            })
         ));
+        api.certs[0].revoked = true;
+        assert!(
+            matches!(
+                decide(Some((&cert, &issued)), &api, None, 1_500),
+                Decision::Refuse(Refusal::CertificateRevoked { .. })
+            ),
+            "a revoked CA entry lets no leaf in"
+        );
         let refused = Standing::Refused(Refusal::CertificateRevoked { who: "CN=x".into() });
         assert!(matches!(
-            decide(Some((&cert, &refused)), &api, None, 2_500),
+            decide(Some((&cert, &refused)), &api, None, 1_500),
             Decision::Refuse(Refusal::CertificateRevoked { .. })
         ));
     }

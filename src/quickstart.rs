@@ -72,7 +72,7 @@ pub fn run(
     let files = Files {
         dir: dir.to_owned(),
     };
-    let store = prepare(&files, now, out)?;
+    let store = prepare(&files, listen, now, out)?;
     fs::write(files.path("server.pem"), store.server_cert_pem()?).map_err(|source| {
         QuickstartError::Write {
             path: files.path("server.pem"),
@@ -116,7 +116,12 @@ pub fn run(
 }
 
 /// Opens the demo's store, making the demo first when `files.dir` holds none.
-fn prepare(files: &Files, now: i64, out: &mut dyn Write) -> Result<Store, QuickstartError> {
+fn prepare(
+    files: &Files,
+    listen: SocketAddr,
+    now: i64,
+    out: &mut dyn Write,
+) -> Result<Store, QuickstartError> {
     let db = files.path("certgate.db");
     if db.exists() {
         for name in ["client.pem", "client.key"] {
@@ -140,11 +145,24 @@ fn prepare(files: &Files, now: i64, out: &mut dyn Write) -> Result<Store, Quicks
     write_file(&files.path("ca.key"), &pki.ca_key_pem, 0o600)?;
     write_file(&files.path("client.pem"), &pki.client_pem, 0o644)?;
     write_file(&files.path("client.key"), &pki.client_key_pem, 0o600)?;
-    let mut store = Store::create(&db, &InitOptions::default())?;
+    // The server certificate covers localhost and loopback; a demo served on another address
+    // gets that address too, so that the printed commands reach it.
+    let ip = listen.ip();
+    let init = InitOptions {
+        hostnames: if ip.is_loopback() || ip.is_unspecified() {
+            Vec::new()
+        } else {
+            vec![ip.to_string()]
+        },
+        ..InitOptions::default()
+    };
+    let mut store = Store::create(&db, &init)?;
     let registered = register(&mut store, &pki.ca_pem);
     if let Err(e) = registered {
         drop(store);
-        let _ = fs::remove_file(&db);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = fs::remove_file(format!("{}{suffix}", db.display()));
+        }
         return Err(e);
     }
     writeln!(out, "# created the demo in {}", files.dir.display())?;

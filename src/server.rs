@@ -31,6 +31,7 @@ use crate::model::{Config, ECHO_BACKEND};
 use crate::pool::{self, Owner, Pool, Use};
 use crate::snapshot::Snapshot;
 use crate::store::Store;
+use crate::throttle::{Buckets, Monotonic};
 use crate::tls::{SessionState, TlsError};
 
 const SIGNALS: Token = Token(usize::MAX);
@@ -147,6 +148,8 @@ pub fn run(
         options,
         pool: Pool::default(),
         request_ids: RequestIds::new(random_u64()),
+        buckets: Buckets::default(),
+        clock: Monotonic::default(),
         drain_deadline: None,
         again: Vec::new(),
         accept_failed: false,
@@ -170,6 +173,8 @@ struct Server {
     options: ServeOptions,
     pool: Pool,
     request_ids: RequestIds,
+    buckets: Buckets,
+    clock: Monotonic,
     /// Set once SIGTERM or SIGINT arrived.
     drain_deadline: Option<Instant>,
     /// Connections that stopped for their round budget, to pump again before sleeping.
@@ -283,6 +288,8 @@ impl Server {
             draining: self.drain_deadline.is_some(),
             request_ids: &mut self.request_ids,
             pool: &mut self.pool,
+            buckets: &mut self.buckets,
+            bucket_now: self.clock.now(unix_nanos()),
         };
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -420,6 +427,10 @@ impl Server {
                 );
                 self.snapshot = snapshot;
                 self.data_version = version;
+                let now = self.clock.now(unix_nanos());
+                let snapshot = &self.snapshot;
+                self.buckets
+                    .retain(now, |key| snapshot.has_bucket_owner(key));
             }
             Err(e) => {
                 eprintln!("reload: keeping the current configuration: {e}");
@@ -431,6 +442,8 @@ impl Server {
     /// Expires connections whose deadline has passed.
     fn sweep(&mut self, now: Instant) {
         self.pump_all(|conn| conn.deadline() <= now);
+        let bucket_now = self.clock.now(unix_nanos());
+        self.buckets.retain(bucket_now, |_| true);
         self.pool
             .expire(now, self.options.limits.idle_timeout, self.poll.registry());
         if mem::take(&mut self.accept_failed) {
@@ -515,6 +528,12 @@ fn readiness(event: &mio::event::Event) -> Readiness {
         writable: event.is_writable() || event.is_write_closed() || failed,
         read_closed,
     }
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 fn unix_now() -> i64 {

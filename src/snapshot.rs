@@ -3,7 +3,7 @@
 //! Building needs no X.509 parsing of client certificates, whose fields the store keeps; only
 //! the CA entries and the CRLs are read into the forms webpki checks chains against.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use webpki::{CertRevocationList, OwnedCertRevocationList};
 
 use crate::model::{Api, CertEntry, CertKind, Config, Resource};
 use crate::route::Router;
+use crate::throttle::{self, Limit};
 use crate::tls::{SessionState, TlsError};
 
 /// One API with everything a request to it needs.
@@ -31,6 +32,20 @@ pub struct ApiView {
     /// The CA entries as trust anchors, and the index in `certs` of each.
     pub anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
     pub anchor_entries: Vec<usize>,
+    pub throttle: ApiThrottle,
+}
+
+/// What throttling needs of an API, worked out once per snapshot: the limit of each tier that
+/// applies (none for Unlimited) and the stable keys of its buckets.
+#[derive(Debug, Default)]
+pub struct ApiThrottle {
+    pub key: u64,
+    /// The API's own tier: one bucket for the whole API.
+    pub limit: Option<Limit>,
+    /// Per resource, in `resources` order.
+    pub resources: Vec<(u64, Option<Limit>)>,
+    /// Per certificate entry, in `certs` order.
+    pub entries: Vec<(u64, Option<Limit>)>,
 }
 
 pub struct Snapshot {
@@ -43,9 +58,22 @@ pub struct Snapshot {
     pub apis: Vec<ApiView>,
     /// Every stored CRL, for checking CA-issued chains (pinned entries carry their verdict).
     pub crls: Vec<CertRevocationList<'static>>,
+    /// The throttling keys of every API, resource and certificate entry.
+    bucket_owners: HashSet<u64>,
 }
 
 impl Snapshot {
+    /// Whether a bucket's API, resource and entry are still here: buckets of removed
+    /// certificates, resources and APIs are dropped at a reload.
+    pub fn has_bucket_owner(&self, key: &throttle::Key) -> bool {
+        let live = |k: u64| self.bucket_owners.contains(&k);
+        match key.kind {
+            throttle::Kind::Api => live(key.scope),
+            throttle::Kind::Caller => live(key.scope) && live(key.entry),
+            throttle::Kind::Resource => live(key.scope) && (key.entry == 0 || live(key.entry)),
+        }
+    }
+
     /// Builds a snapshot. `resolved` holds backend addresses looked up by `serve` at start,
     /// which win over those the store kept; `previous` lends its TLS configuration when the
     /// server certificate did not change.
@@ -78,6 +106,7 @@ impl Snapshot {
                     pinned: HashMap::new(),
                     anchors: Vec::new(),
                     anchor_entries: Vec::new(),
+                    throttle: ApiThrottle::default(),
                 }
             })
             .collect();
@@ -118,6 +147,47 @@ impl Snapshot {
             .filter_map(|der| OwnedCertRevocationList::from_der(der).ok())
             .map(CertRevocationList::from)
             .collect();
+        let limits: HashMap<String, Limit> = config
+            .tiers
+            .iter()
+            .filter_map(|t| Some((t.name.to_ascii_lowercase(), Limit::new(t.rate.as_ref()?))))
+            .collect();
+        let limit =
+            |tier: Option<&str>| tier.and_then(|t| limits.get(&t.to_ascii_lowercase()).copied());
+        for view in &mut apis {
+            let name = view.api.name.as_str();
+            view.throttle = ApiThrottle {
+                key: throttle::name_key(&["api", name]),
+                limit: limit(view.api.tier.as_deref()),
+                resources: view
+                    .resources
+                    .iter()
+                    .map(|r| {
+                        let key =
+                            throttle::name_key(&["resource", name, &r.method, &r.template.text]);
+                        (key, limit(r.tier.as_deref()))
+                    })
+                    .collect(),
+                entries: view
+                    .certs
+                    .iter()
+                    .map(|c| {
+                        (
+                            throttle::name_key(&["cert", &c.alias]),
+                            limit(Some(&c.tier)),
+                        )
+                    })
+                    .collect(),
+            };
+        }
+        let bucket_owners = apis
+            .iter()
+            .flat_map(|v| {
+                let t = &v.throttle;
+                let parts = t.resources.iter().chain(&t.entries).map(|(k, _)| *k);
+                std::iter::once(t.key).chain(parts)
+            })
+            .collect();
         let router = Router::new(apis.iter().map(|v| v.base_path.as_str()));
         Ok(Self {
             generation,
@@ -126,6 +196,7 @@ impl Snapshot {
             router,
             apis,
             crls,
+            bucket_owners,
         })
     }
 }

@@ -212,7 +212,11 @@ impl Store {
             SCHEMA_VERSION => {}
             1 => {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                tx.execute_batch(migration_from_1())?;
+                // Another process may have migrated it since the version was read.
+                let again: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+                if again == 1 {
+                    tx.execute_batch(migration_from_1())?;
+                }
                 tx.commit()?;
             }
             0 => return Err(not_certgate(path, "it has no certgate schema")),
@@ -786,10 +790,12 @@ impl Store {
             .prepare("SELECT alias, der FROM certs WHERE subject = ?1 ORDER BY alias")?
             .query_map([&crl.issuer], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        if let Some((alias, _)) = issuers
+        // One stored certificate of the issuer that verifies it is enough (a CA may have
+        // renewed its certificate on the same key, or rolled its key under the same name).
+        let verified = issuers
             .iter()
-            .find(|(_, der)| !certs::crl_signed_by(&crl.der, der))
-        {
+            .any(|(_, der)| certs::crl_signed_by(&crl.der, der));
+        if let (false, Some((alias, _))) = (verified, issuers.first()) {
             return Err(StoreError::CrlSignature {
                 issuer: crl.issuer.clone(),
                 alias: alias.clone(),

@@ -8,6 +8,8 @@
 //! the connection), where buckets live and when they are saved ([`crate::server`],
 //! [`crate::store`]).
 
+use std::collections::HashMap;
+
 use crate::model::{Period, Rate};
 
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
@@ -98,6 +100,169 @@ pub fn rescale(full_at: u64, from: Limit, to: Limit, now: u64) -> u64 {
     }
     let ahead = u128::from(full_at - now) * u128::from(to.interval) / u128::from(from.interval);
     now.saturating_add(saturating_u64(ahead))
+}
+
+/// Which bucket: the kind, the API or resource it belongs to, and the caller (certificate
+/// entry and leaf fingerprint; zero for the API's own bucket). Names are hashed
+/// ([`name_key`]), so a key is the same across reloads and restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub kind: Kind,
+    pub scope: u64,
+    pub entry: u64,
+    pub caller: [u8; 32],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Per API and caller, with the tier of the caller's certificate entry.
+    Caller,
+    /// Per resource and caller, with the resource's tier.
+    Resource,
+    /// One for the whole API, with the API's tier.
+    Api,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Caller => "caller",
+            Self::Resource => "resource",
+            Self::Api => "api",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "caller" => Some(Self::Caller),
+            "resource" => Some(Self::Resource),
+            "api" => Some(Self::Api),
+            _ => None,
+        }
+    }
+}
+
+/// A stable 64-bit key for a name made of `parts`: the first bytes of their SHA-256.
+pub fn name_key(parts: &[&str]) -> u64 {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        context.update(part.as_bytes());
+        context.update(&[0]);
+    }
+    let digest = context.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// What the client learns of the tightest bucket: `RateLimit-Limit`, `-Remaining` and
+/// `-Reset` (seconds until full).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: u64,
+}
+
+/// The answer to one request that asked every bucket that applies to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Allowed; headers when any bucket applied.
+    Allowed(Option<RateHeaders>),
+    /// Refused by bucket `by` of those asked; `retry_after` in whole seconds (at least 1).
+    Throttled {
+        by: usize,
+        retry_after: u64,
+        headers: RateHeaders,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    pub full_at: u64,
+    /// The limit `full_at` was reckoned with, to carry it over when the tier changes.
+    pub limit: Limit,
+}
+
+/// Every bucket that is not full; a full one is the same as none.
+#[derive(Debug, Default)]
+pub struct Buckets {
+    map: HashMap<Key, Bucket>,
+}
+
+impl Buckets {
+    /// Takes one request from each of `wants` at `now`, or from none if any is empty.
+    pub fn take(&mut self, wants: &[(Key, Limit)], now: u64) -> Outcome {
+        let mut takes = [None; 3];
+        let mut tightest: Option<(usize, Take)> = None;
+        let mut refused: Option<(usize, u64)> = None;
+        for (i, (key, limit)) in wants.iter().enumerate().take(takes.len()) {
+            let full_at = match self.map.get(key) {
+                Some(b) => rescale(b.full_at, b.limit, *limit, now),
+                None => 0,
+            };
+            let take = take(full_at, *limit, now);
+            if let Take::Refused { retry_after, .. } = take {
+                if refused.is_none_or(|(_, r)| retry_after > r) {
+                    refused = Some((i, retry_after));
+                }
+            }
+            if tightest.is_none_or(|(_, t)| take.remaining() < t.remaining()) {
+                tightest = Some((i, take));
+            }
+            takes[i] = Some(take);
+        }
+        let headers = tightest.map(|(i, take)| RateHeaders {
+            limit: wants[i].1.burst,
+            remaining: take.remaining(),
+            reset: whole_seconds(
+                match take {
+                    Take::Allowed { reset, .. } | Take::Refused { reset, .. } => reset,
+                },
+                0,
+            ),
+        });
+        if let (Some((by, retry_after)), Some(headers)) = (refused, headers) {
+            return Outcome::Throttled {
+                by,
+                retry_after: whole_seconds(retry_after, 1),
+                headers,
+            };
+        }
+        for ((key, limit), take) in wants.iter().zip(takes) {
+            if let Some(Take::Allowed { full_at, .. }) = take {
+                self.map.insert(
+                    *key,
+                    Bucket {
+                        full_at,
+                        limit: *limit,
+                    },
+                );
+            }
+        }
+        Outcome::Allowed(headers)
+    }
+
+    /// Drops the buckets that are full again by `now`, and those `keep` rejects.
+    pub fn retain(&mut self, now: u64, keep: impl Fn(&Key) -> bool) {
+        self.map.retain(|key, b| b.full_at > now && keep(key));
+    }
+
+    pub fn insert(&mut self, key: Key, bucket: Bucket) {
+        self.map.insert(key, bucket);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Bucket)> {
+        self.map.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
 }
 
 /// Whole seconds for a header, rounded up; at least `min`.
@@ -248,6 +413,64 @@ mod tests {
         assert_eq!(take(full_at, new, T0).remaining(), 95);
         // A bucket already full stays full.
         assert_eq!(rescale(T0 - 1, old, new, T0), T0 - 1);
+    }
+
+    fn key(kind: Kind, scope: u64) -> Key {
+        Key {
+            kind,
+            scope,
+            entry: 0,
+            caller: [0; 32],
+        }
+    }
+
+    #[test]
+    fn a_request_takes_from_every_bucket_or_from_none() {
+        let mut buckets = Buckets::default();
+        let caller = (key(Kind::Caller, 1), per_minute(5, 5));
+        let api = (key(Kind::Api, 1), per_minute(3, 3));
+        for left in [2, 1, 0] {
+            assert_eq!(
+                buckets.take(&[caller, api], T0),
+                Outcome::Allowed(Some(RateHeaders {
+                    limit: 3,
+                    remaining: left,
+                    reset: 20 * (3 - left)
+                }))
+            );
+        }
+        // The API's bucket is empty: refused, and the caller's keeps its two.
+        let refused = buckets.take(&[caller, api], T0);
+        assert_eq!(
+            refused,
+            Outcome::Throttled {
+                by: 1,
+                retry_after: 20,
+                headers: RateHeaders {
+                    limit: 3,
+                    remaining: 0,
+                    reset: 60
+                }
+            }
+        );
+        let Outcome::Allowed(Some(headers)) = buckets.take(&[caller], T0) else {
+            panic!("the caller's bucket was taken from by a refused request");
+        };
+        assert_eq!(headers.remaining, 1);
+        // No bucket: allowed without headers.
+        assert_eq!(buckets.take(&[], T0), Outcome::Allowed(None));
+        // Full buckets go; others stay.
+        buckets.retain(T0 + 30 * S, |_| true);
+        assert_eq!(buckets.len(), 2);
+        buckets.retain(T0 + 3_600 * S, |_| true);
+        assert!(buckets.is_empty());
+    }
+
+    #[test]
+    fn name_keys_are_stable_and_distinct() {
+        assert_eq!(name_key(&["api", "pizza"]), name_key(&["api", "pizza"]));
+        assert_ne!(name_key(&["api", "pizza"]), name_key(&["api", "pizz", "a"]));
+        assert_ne!(name_key(&["api", "pizza"]), name_key(&["cert", "pizza"]));
     }
 
     #[test]
