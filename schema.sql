@@ -117,4 +117,20 @@ CREATE TABLE crl_entries (
     PRIMARY KEY (crl_id, serial)
 ) STRICT;
 
+-- Throttling buckets that are not full, saved by the gateway every few seconds and when it
+-- stops, and read back when it starts, so that a restart hands out no fresh quota. A bucket is
+-- the time it is full again (nanoseconds since the Unix epoch) and the limit that time was
+-- reckoned with; its key is hashed from the names of its API, resource and certificate entry
+-- (src/throttle.rs) and the caller's certificate fingerprint (zeros for none).
+CREATE TABLE buckets (
+    kind     TEXT NOT NULL CHECK (kind IN ('caller', 'resource', 'api')),
+    scope    INTEGER NOT NULL,
+    entry    INTEGER NOT NULL,
+    caller   BLOB NOT NULL CHECK (length(caller) = 32),
+    full_at  INTEGER NOT NULL,
+    interval INTEGER NOT NULL,
+    burst    INTEGER NOT NULL,
+    PRIMARY KEY (kind, scope, entry, caller)
+) STRICT, WITHOUT ROWID;
+
 PRAGMA user_version = 2;

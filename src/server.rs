@@ -44,6 +44,8 @@ const ECHO: usize = usize::MAX / 2;
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 /// How often deadlines are checked.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// How often throttling buckets that changed are saved (and full ones dropped).
+const PERSIST_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What `certgate serve` was asked to do, validated.
 #[derive(Clone, Debug)]
@@ -116,6 +118,14 @@ pub fn run(
         &resolved,
         None,
     )?;
+    let mut clock = Monotonic::default();
+    let mut buckets = store.load_buckets().unwrap_or_else(|e| {
+        eprintln!("throttling: cannot read the saved buckets, starting with full ones: {e}");
+        Buckets::default()
+    });
+    buckets.retain(clock.now(unix_nanos()), |key| {
+        snapshot.has_bucket_owner(key)
+    });
     store.set_nonblocking()?;
     let data_version = store.data_version()?;
 
@@ -148,8 +158,8 @@ pub fn run(
         options,
         pool: Pool::default(),
         request_ids: RequestIds::new(random_u64()),
-        buckets: Buckets::default(),
-        clock: Monotonic::default(),
+        buckets,
+        clock,
         drain_deadline: None,
         again: Vec::new(),
         accept_failed: false,
@@ -192,9 +202,10 @@ impl Server {
         let mut closed = Vec::new();
         let mut next_reload = Instant::now() + RELOAD_INTERVAL;
         let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
+        let mut next_persist = Instant::now() + PERSIST_INTERVAL;
         loop {
             let now = Instant::now();
-            let wake = next_reload.min(next_sweep);
+            let wake = next_reload.min(next_sweep).min(next_persist);
             let timeout = if self.again.is_empty() {
                 wake.saturating_duration_since(now)
             } else {
@@ -259,12 +270,18 @@ impl Server {
                 self.sweep(now);
                 next_sweep = now + SWEEP_INTERVAL;
             }
+            if now >= next_persist {
+                self.persist(false);
+                next_persist = now + PERSIST_INTERVAL;
+            }
             if let Some(deadline) = self.drain_deadline {
                 if self.conns.is_empty() {
+                    self.persist(true);
                     eprintln!("drained; exiting");
                     return Ok(());
                 }
                 if now >= deadline {
+                    self.persist(true);
                     eprintln!(
                         "drain deadline passed; closing {} connections",
                         self.conns.len()
@@ -439,11 +456,28 @@ impl Server {
         }
     }
 
+    /// Saves the throttling buckets when they changed, dropping full ones first. A busy store
+    /// is tried again at the next tick; at the end (`last`) the loop may wait a moment for it.
+    fn persist(&mut self, last: bool) {
+        let now = self.clock.now(unix_nanos());
+        self.buckets.retain(now, |_| true);
+        if !self.buckets.take_changed() && !last {
+            return;
+        }
+        if last {
+            let _ = self.store.set_busy_timeout(Duration::from_secs(1));
+        }
+        if let Err(e) = self.store.save_buckets(&self.buckets) {
+            eprintln!("throttling: cannot save the buckets now: {e}");
+            // Saved at a later tick.
+            self.buckets.mark_changed();
+        }
+    }
+
     /// Expires connections whose deadline has passed.
     fn sweep(&mut self, now: Instant) {
         self.pump_all(|conn| conn.deadline() <= now);
-        let bucket_now = self.clock.now(unix_nanos());
-        self.buckets.retain(bucket_now, |_| true);
+
         self.pool
             .expire(now, self.options.limits.idle_timeout, self.poll.registry());
         if mem::take(&mut self.accept_failed) {

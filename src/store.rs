@@ -26,6 +26,7 @@ use crate::certs::{self, CertError, CertInfo};
 use crate::model::{
     Api, AuthMode, Backend, CertEntry, CertKind, Config, CrlEntry, Rate, Resource, Template, Tier,
 };
+use crate::throttle;
 
 /// The schema version this binary reads and writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 2;
@@ -308,7 +309,11 @@ impl Store {
     /// For the serving loop: a locked database fails at once with [`StoreError::Busy`] and the
     /// loop retries on its next tick instead of blocking.
     pub fn set_nonblocking(&self) -> Result<(), StoreError> {
-        self.conn.busy_timeout(Duration::ZERO)?;
+        self.set_busy_timeout(Duration::ZERO)
+    }
+
+    pub fn set_busy_timeout(&self, timeout: Duration) -> Result<(), StoreError> {
+        self.conn.busy_timeout(timeout)?;
         Ok(())
     }
 
@@ -317,6 +322,79 @@ impl Store {
         Ok(self
             .conn
             .pragma_query_value(None, "data_version", |row| row.get(0))?)
+    }
+
+    /// Replaces the saved buckets with `buckets`, in one transaction.
+    pub fn save_buckets(&mut self, buckets: &throttle::Buckets) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        tx.execute("DELETE FROM buckets", [])?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO buckets (kind, scope, entry, caller, full_at, interval, burst)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for (key, bucket) in buckets.iter() {
+                insert.execute(params![
+                    key.kind.as_str(),
+                    key.scope as i64,
+                    key.entry as i64,
+                    &key.caller[..],
+                    clamp_i64(bucket.full_at),
+                    clamp_i64(bucket.limit.interval),
+                    clamp_i64(bucket.limit.burst),
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The saved buckets; rows that do not parse are skipped (a bucket lost is a full one).
+    pub fn load_buckets(&self) -> Result<throttle::Buckets, StoreError> {
+        let mut buckets = throttle::Buckets::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT kind, scope, entry, caller, full_at, interval, burst FROM buckets")?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, Vec<u8>>(3)?,
+                row.get::<_, i64>(4)?,
+                row.get::<_, i64>(5)?,
+                row.get::<_, i64>(6)?,
+            ))
+        })?;
+        for row in rows {
+            let (kind, scope, entry, caller, full_at, interval, burst) = row?;
+            let (Some(kind), Ok(caller), Ok(full_at), Ok(interval), Ok(burst)) = (
+                throttle::Kind::parse(&kind),
+                <[u8; 32]>::try_from(caller.as_slice()),
+                u64::try_from(full_at),
+                u64::try_from(interval),
+                u64::try_from(burst),
+            ) else {
+                continue;
+            };
+            if interval == 0 || burst == 0 {
+                continue;
+            }
+            let key = throttle::Key {
+                kind,
+                scope: scope as u64,
+                entry: entry as u64,
+                caller,
+            };
+            buckets.insert(
+                key,
+                throttle::Bucket {
+                    full_at,
+                    limit: throttle::Limit { interval, burst },
+                },
+            );
+        }
+        Ok(buckets)
     }
 
     /// SQLite's `PRAGMA quick_check`: a damaged file is [`StoreError::Corrupt`].
@@ -1327,8 +1405,10 @@ mod tests {
         drop(store);
         // What a version-1 database looks like: no CRL tables.
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE crl_entries; DROP TABLE crls; PRAGMA user_version = 1;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP TABLE crl_entries; DROP TABLE crls; DROP TABLE buckets; PRAGMA user_version = 1;",
+        )
+        .unwrap();
         drop(conn);
         let store = Store::open(&path).unwrap();
         assert!(store.crls().unwrap().is_empty());

@@ -188,6 +188,8 @@ pub struct Bucket {
 #[derive(Debug, Default)]
 pub struct Buckets {
     map: HashMap<Key, Bucket>,
+    /// A request took from a bucket since the last [`Buckets::take_changed`].
+    changed: bool,
 }
 
 impl Buckets {
@@ -229,6 +231,7 @@ impl Buckets {
                 headers,
             };
         }
+        self.changed |= !wants.is_empty();
         for ((key, limit), take) in wants.iter().zip(takes) {
             if let Some(Take::Allowed { full_at, .. }) = take {
                 self.map.insert(
@@ -246,6 +249,15 @@ impl Buckets {
     /// Drops the buckets that are full again by `now`, and those `keep` rejects.
     pub fn retain(&mut self, now: u64, keep: impl Fn(&Key) -> bool) {
         self.map.retain(|key, b| b.full_at > now && keep(key));
+    }
+
+    /// Whether any bucket changed since the last call: what is worth saving.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    pub fn mark_changed(&mut self) {
+        self.changed = true;
     }
 
     pub fn insert(&mut self, key: Key, bucket: Bucket) {

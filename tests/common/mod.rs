@@ -279,7 +279,7 @@ impl Db {
         }
 
         let mut gateway = Gateway {
-            db: self,
+            db: Some(self),
             child: Some(child),
             exit: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -332,7 +332,8 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 /// A running `certgate serve`; SIGTERM (then SIGKILL) on drop. On a failing test the gateway's
 /// stderr is printed, so the failure shows what the gateway logged.
 pub struct Gateway {
-    db: Db,
+    /// Taken back by [`Gateway::stop`].
+    db: Option<Db>,
     child: Option<Child>,
     /// Set by [`Gateway::wait_exit`] once the process has ended (and `child` is gone).
     exit: Option<ExitStatus>,
@@ -369,12 +370,12 @@ impl Gateway {
     }
 
     pub fn db(&self) -> &Db {
-        &self.db
+        self.db.as_ref().expect("the gateway's database")
     }
 
     /// Runs the CLI against the served database; panics unless it succeeds.
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.db.cli(args)
+        self.db().cli(args)
     }
 
     pub fn server_pem(&self) -> &str {
@@ -383,7 +384,7 @@ impl Gateway {
 
     /// Writes the server certificate to DIR/server.pem (for curl) and returns the path.
     pub fn server_pem_file(&self) -> PathBuf {
-        let path = self.db.dir().join("server.pem");
+        let path = self.db().dir().join("server.pem");
         std::fs::write(&path, &self.server_pem).expect("write server.pem");
         path
     }
@@ -457,6 +458,15 @@ impl Gateway {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Stops the gateway with SIGTERM, checks that it exits 0, and gives its database back
+    /// (to serve it again, say).
+    pub fn stop(mut self) -> Db {
+        self.signal("TERM");
+        let status = self.wait_exit(EVENTUALLY);
+        assert!(status.success(), "the gateway exited with {status}");
+        self.db.take().expect("the gateway's database")
     }
 
     /// Panics if the gateway process has exited.
