@@ -121,16 +121,35 @@ CREATE TABLE crl_entries (
 -- stops, and read back when it starts, so that a restart hands out no fresh quota. A bucket is
 -- the time it is full again (nanoseconds since the Unix epoch) and the limit that time was
 -- reckoned with; its key is hashed from the names of its API, resource and certificate entry
--- (src/throttle.rs) and the caller's certificate fingerprint (zeros for none).
+-- (src/throttle.rs) and the caller's certificate fingerprint (its first 8 bytes; 0 for none).
+-- 64-bit keys are stored as the signed integers of the same bits.
 CREATE TABLE buckets (
     kind     TEXT NOT NULL CHECK (kind IN ('caller', 'resource', 'api')),
     scope    INTEGER NOT NULL,
     entry    INTEGER NOT NULL,
-    caller   BLOB NOT NULL CHECK (length(caller) = 32),
+    caller   INTEGER NOT NULL,
     full_at  INTEGER NOT NULL,
     interval INTEGER NOT NULL,
     burst    INTEGER NOT NULL,
     PRIMARY KEY (kind, scope, entry, caller)
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX buckets_full_at ON buckets (full_at);
+
+-- What throttling saw, per API and caller (certificate entry alias and leaf fingerprint, or
+-- '-' and '' for a public resource): requests allowed and throttled in all, and in the
+-- gateway's current run (zeroed when `serve` starts). The gateway adds to it every few
+-- seconds; `certgate status` reads it.
+CREATE TABLE counters (
+    api             TEXT NOT NULL,
+    alias           TEXT NOT NULL,
+    caller          TEXT NOT NULL,
+    subject         TEXT NOT NULL,
+    allowed_total   INTEGER NOT NULL DEFAULT 0,
+    throttled_total INTEGER NOT NULL DEFAULT 0,
+    allowed_run     INTEGER NOT NULL DEFAULT 0,
+    throttled_run   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (api, alias, caller)
 ) STRICT, WITHOUT ROWID;
 
 PRAGMA user_version = 2;

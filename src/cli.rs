@@ -99,6 +99,7 @@ pub enum Command {
     Quickstart(QuickstartArgs),
     Crl(CrlArgs),
     Check(CheckArgs),
+    Status(StatusArgs),
 }
 
 /// Certificate revocation lists: a client certificate a stored CRL of its issuer lists is
@@ -599,6 +600,15 @@ struct TierList {
     json: bool,
 }
 
+/// Requests allowed and throttled per API and caller, in the gateway's run and in all.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+pub struct StatusArgs {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
 /// Check the store and its certificates: exit 0 when all is well, 1 when certificates have
 /// expired or expire soon, 2 when the store is unusable.
 #[derive(FromArgs, Debug)]
@@ -730,6 +740,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
             }
         },
         Command::Check(args) => run_check(&db, &args, out),
+        Command::Status(args) => run_status(&Store::open(&db)?, args.json, out),
         Command::Crl(args) => run_crl(&mut Store::open(&db)?, args.command, out),
         Command::Quickstart(args) => {
             let listen = args
@@ -1288,6 +1299,62 @@ fn run_cert(store: &mut Store, command: CertCommand, out: &mut dyn Write) -> Res
     }
 }
 
+fn run_status(store: &Store, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let (started, rows) = store.counts()?;
+    if json {
+        let rows: Vec<StatusJson> = rows
+            .iter()
+            .map(|r| StatusJson {
+                api: &r.api,
+                alias: &r.alias,
+                caller_sha256: &r.caller,
+                subject: &r.subject,
+                allowed: r.allowed,
+                throttled: r.throttled,
+                allowed_total: r.allowed_total,
+                throttled_total: r.throttled_total,
+                run_started: started.map(certs::rfc3339),
+            })
+            .collect();
+        return print_json(out, &rows);
+    }
+    match started {
+        Some(t) => writeln!(
+            out,
+            "counts since the gateway started at {}, and in all",
+            certs::rfc3339(t)
+        )?,
+        None => writeln!(out, "the gateway has not served this database yet")?,
+    }
+    let rows = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.api.clone(),
+                r.alias.clone(),
+                or_dash(&r.subject),
+                r.allowed.to_string(),
+                r.throttled.to_string(),
+                r.allowed_total.to_string(),
+                r.throttled_total.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "API",
+            "CALLER",
+            "SUBJECT",
+            "ALLOWED",
+            "THROTTLED",
+            "ALLOWED_TOTAL",
+            "THROTTLED_TOTAL",
+        ],
+        rows,
+    )
+}
+
 /// `check`: the store first (exit 2 when unusable), then the certificates (exit 1 when any
 /// has expired or expires within `--warn-days`).
 fn run_check(db: &Path, args: &CheckArgs, out: &mut dyn Write) -> Result<(), CliError> {
@@ -1698,6 +1765,19 @@ impl<'a> CertJson<'a> {
             scopes: &e.scopes,
         }
     }
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    api: &'a str,
+    alias: &'a str,
+    caller_sha256: &'a str,
+    subject: &'a str,
+    allowed: i64,
+    throttled: i64,
+    allowed_total: i64,
+    throttled_total: i64,
+    run_started: Option<String>,
 }
 
 #[derive(Serialize)]

@@ -26,7 +26,7 @@ use crate::policy::{self, ClientCert, Decision, Standing};
 use crate::pool::Pool;
 use crate::route::ResourceMatch;
 use crate::snapshot::Snapshot;
-use crate::throttle::{Buckets, Key, Kind, Limit, Outcome, RateHeaders};
+use crate::throttle::{self, Buckets, CountKey, Counters, Key, Kind, Limit, Outcome, RateHeaders};
 
 /// How much of a body each direction holds at most, per buffer.
 const BUFFER: usize = 64 * 1024;
@@ -87,6 +87,8 @@ pub struct Context<'a> {
     /// never going backwards).
     pub buckets: &'a mut Buckets,
     pub bucket_now: u64,
+    /// Requests allowed and throttled per API and caller, for `certgate status`.
+    pub counters: &'a mut Counters,
 }
 
 /// Fresh request ids: a random prefix chosen at start, and a counter.
@@ -721,8 +723,8 @@ impl Conn {
         let view = &cx.snapshot.apis[routed.api];
         let t = &view.throttle;
         let (entry_key, caller) = match (routed.entry, &self.client_cert) {
-            (Some(e), Some(cert)) => (t.entries[e].0, cert.sha256),
-            _ => (0, [0; 32]),
+            (Some(e), Some(cert)) => (t.entries[e].0, throttle::caller_key(&cert.sha256)),
+            _ => (0, 0),
         };
         let mut wants: [(Key, Limit); 3] = [(
             Key {
@@ -737,21 +739,20 @@ impl Conn {
             },
         ); 3];
         let mut n = 0;
-        let mut push =
-            |kind: Kind, scope: u64, entry: u64, caller: [u8; 32], limit: Option<Limit>| {
-                if let Some(limit) = limit {
-                    wants[n] = (
-                        Key {
-                            kind,
-                            scope,
-                            entry,
-                            caller,
-                        },
-                        limit,
-                    );
-                    n += 1;
-                }
-            };
+        let mut push = |kind: Kind, scope: u64, entry: u64, caller: u64, limit: Option<Limit>| {
+            if let Some(limit) = limit {
+                wants[n] = (
+                    Key {
+                        kind,
+                        scope,
+                        entry,
+                        caller,
+                    },
+                    limit,
+                );
+                n += 1;
+            }
+        };
         if let Some(e) = routed.entry {
             push(Kind::Caller, t.key, entry_key, caller, t.entries[e].1);
         }
@@ -759,8 +760,26 @@ impl Conn {
             let (key, limit) = t.resources[r];
             push(Kind::Resource, key, entry_key, caller, limit);
         }
-        push(Kind::Api, t.key, 0, [0; 32], t.limit);
-        match cx.buckets.take(&wants[..n], cx.bucket_now) {
+        push(Kind::Api, t.key, 0, 0, t.limit);
+        let outcome = cx.buckets.take(&wants[..n], cx.bucket_now);
+        let allowed = matches!(outcome, Outcome::Allowed(_));
+        cx.counters.count((t.key, entry_key, caller), allowed, || {
+            let (alias, subject, caller) = match (routed.entry, &self.client_cert) {
+                (Some(e), Some(cert)) => (
+                    view.certs[e].alias.clone(),
+                    cert.subject.clone(),
+                    crate::certs::hex(&cert.sha256),
+                ),
+                _ => ("-".to_owned(), String::new(), String::new()),
+            };
+            let key = CountKey {
+                api: view.api.name.clone(),
+                alias,
+                caller,
+            };
+            (key, subject)
+        });
+        match outcome {
             Outcome::Allowed(rate) => Ok(rate),
             Outcome::Throttled {
                 by,

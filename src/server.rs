@@ -31,7 +31,7 @@ use crate::model::{Config, ECHO_BACKEND};
 use crate::pool::{self, Owner, Pool, Use};
 use crate::snapshot::Snapshot;
 use crate::store::Store;
-use crate::throttle::{Buckets, Monotonic};
+use crate::throttle::{Buckets, Counters, Monotonic};
 use crate::tls::{SessionState, TlsError};
 
 const SIGNALS: Token = Token(usize::MAX);
@@ -45,7 +45,9 @@ const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 /// How often deadlines are checked.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// How often throttling buckets that changed are saved (and full ones dropped).
-const PERSIST_INTERVAL: Duration = Duration::from_secs(2);
+const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+/// The most buckets saved at one tick; more wait for the next.
+const PERSIST_BATCH: usize = 500;
 
 /// What `certgate serve` was asked to do, validated.
 #[derive(Clone, Debug)]
@@ -100,7 +102,7 @@ pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, ServeErr
 /// Serves on `listeners` until SIGTERM or SIGINT; returns once requests in flight are done or
 /// the drain deadline has passed.
 pub fn run(
-    store: Store,
+    mut store: Store,
     listeners: Vec<std::net::TcpListener>,
     options: ServeOptions,
 ) -> Result<(), ServeError> {
@@ -126,6 +128,9 @@ pub fn run(
     buckets.retain(clock.now(unix_nanos()), |key| {
         snapshot.has_bucket_owner(key)
     });
+    if let Err(e) = store.start_run(unix_now()) {
+        eprintln!("status: cannot reset the counts of this run: {e}");
+    }
     store.set_nonblocking()?;
     let data_version = store.data_version()?;
 
@@ -160,6 +165,7 @@ pub fn run(
         request_ids: RequestIds::new(random_u64()),
         buckets,
         clock,
+        counters: Counters::default(),
         drain_deadline: None,
         again: Vec::new(),
         accept_failed: false,
@@ -185,6 +191,7 @@ struct Server {
     request_ids: RequestIds,
     buckets: Buckets,
     clock: Monotonic,
+    counters: Counters,
     /// Set once SIGTERM or SIGINT arrived.
     drain_deadline: Option<Instant>,
     /// Connections that stopped for their round budget, to pump again before sleeping.
@@ -307,6 +314,7 @@ impl Server {
             pool: &mut self.pool,
             buckets: &mut self.buckets,
             bucket_now: self.clock.now(unix_nanos()),
+            counters: &mut self.counters,
         };
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -456,21 +464,30 @@ impl Server {
         }
     }
 
-    /// Saves the throttling buckets when they changed, dropping full ones first. A busy store
-    /// is tried again at the next tick; at the end (`last`) the loop may wait a moment for it.
+    /// Saves the throttling buckets that changed (at most [`PERSIST_BATCH`] a tick, so that
+    /// the loop never waits long on SQLite; all of them at the end, `last`) and the counts,
+    /// dropping full buckets first. A busy store is tried again at the next tick.
     fn persist(&mut self, last: bool) {
         let now = self.clock.now(unix_nanos());
         self.buckets.retain(now, |_| true);
-        if !self.buckets.take_changed() && !last {
-            return;
-        }
         if last {
             let _ = self.store.set_busy_timeout(Duration::from_secs(1));
         }
-        if let Err(e) = self.store.save_buckets(&self.buckets) {
-            eprintln!("throttling: cannot save the buckets now: {e}");
-            // Saved at a later tick.
-            self.buckets.mark_changed();
+        let batch = self
+            .buckets
+            .unsaved(if last { usize::MAX } else { PERSIST_BATCH });
+        if !batch.is_empty() || last {
+            match self.store.save_buckets(&batch, now) {
+                Ok(()) => self.buckets.mark_saved(&batch),
+                Err(e) => eprintln!("throttling: cannot save the buckets now: {e}"),
+            }
+        }
+        if !self.counters.is_empty() {
+            let counts = self.counters.take();
+            if let Err(e) = self.store.save_counts(&counts) {
+                eprintln!("status: cannot save the counts now: {e}");
+                self.counters.restore(counts);
+            }
         }
     }
 

@@ -146,6 +146,21 @@ pub struct InitOptions {
     pub server_key_pem: Option<String>,
 }
 
+/// One line of `certgate status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CountRow {
+    pub api: String,
+    pub alias: String,
+    /// The leaf's SHA-256, lower-case hex ('' for a public resource).
+    pub caller: String,
+    pub subject: String,
+    /// In the gateway's current (or last) run.
+    pub allowed: i64,
+    pub throttled: i64,
+    pub allowed_total: i64,
+    pub throttled_total: i64,
+}
+
 /// What `add_crl` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrlAdded {
@@ -324,21 +339,26 @@ impl Store {
             .pragma_query_value(None, "data_version", |row| row.get(0))?)
     }
 
-    /// Replaces the saved buckets with `buckets`, in one transaction.
-    pub fn save_buckets(&mut self, buckets: &throttle::Buckets) -> Result<(), StoreError> {
+    /// Saves `buckets` (upserting each) and forgets the saved ones that are full by `now`, in
+    /// one transaction.
+    pub fn save_buckets(
+        &mut self,
+        buckets: &[(throttle::Key, throttle::Bucket)],
+        now: u64,
+    ) -> Result<(), StoreError> {
         let tx = self.write()?;
-        tx.execute("DELETE FROM buckets", [])?;
+        tx.execute("DELETE FROM buckets WHERE full_at <= ?1", [clamp_i64(now)])?;
         {
-            let mut insert = tx.prepare(
-                "INSERT INTO buckets (kind, scope, entry, caller, full_at, interval, burst)
+            let mut upsert = tx.prepare(
+                "INSERT OR REPLACE INTO buckets (kind, scope, entry, caller, full_at, interval, burst)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
-            for (key, bucket) in buckets.iter() {
-                insert.execute(params![
+            for (key, bucket) in buckets {
+                upsert.execute(params![
                     key.kind.as_str(),
                     key.scope as i64,
                     key.entry as i64,
-                    &key.caller[..],
+                    key.caller as i64,
                     clamp_i64(bucket.full_at),
                     clamp_i64(bucket.limit.interval),
                     clamp_i64(bucket.limit.burst),
@@ -347,6 +367,85 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Adds counts to the totals and to the current run's.
+    pub fn save_counts(
+        &mut self,
+        counts: &[(throttle::CountKey, throttle::Count)],
+    ) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        {
+            let mut upsert = tx.prepare(
+                "INSERT INTO counters (api, alias, caller, subject, allowed_total, throttled_total,
+                                       allowed_run, throttled_run)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5, ?6)
+                 ON CONFLICT (api, alias, caller) DO UPDATE SET
+                     subject = excluded.subject,
+                     allowed_total = allowed_total + excluded.allowed_total,
+                     throttled_total = throttled_total + excluded.throttled_total,
+                     allowed_run = allowed_run + excluded.allowed_run,
+                     throttled_run = throttled_run + excluded.throttled_run",
+            )?;
+            for (key, count) in counts {
+                upsert.execute(params![
+                    key.api,
+                    key.alias,
+                    key.caller,
+                    count.subject,
+                    clamp_i64(count.allowed),
+                    clamp_i64(count.throttled),
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A new run of the gateway: the run's counts start from zero, at `started` (Unix seconds).
+    pub fn start_run(&mut self, started: i64) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        tx.execute("UPDATE counters SET allowed_run = 0, throttled_run = 0", [])?;
+        tx.execute(
+            "INSERT INTO settings (name, value) VALUES ('serve_started', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [started.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The counts per API and caller, and when the current (or last) run started.
+    pub fn counts(&self) -> Result<(Option<i64>, Vec<CountRow>), StoreError> {
+        let started: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM settings WHERE name = 'serve_started'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let rows = self
+            .conn
+            .prepare(
+                "SELECT api, alias, caller, subject, allowed_run, throttled_run, allowed_total,
+                        throttled_total
+                 FROM counters ORDER BY api, alias, caller",
+            )?
+            .query_map([], |row| {
+                Ok(CountRow {
+                    api: row.get(0)?,
+                    alias: row.get(1)?,
+                    caller: row.get(2)?,
+                    subject: row.get(3)?,
+                    allowed: row.get(4)?,
+                    throttled: row.get(5)?,
+                    allowed_total: row.get(6)?,
+                    throttled_total: row.get(7)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok((started.and_then(|s| s.parse().ok()), rows))
     }
 
     /// The saved buckets; rows that do not parse are skipped (a bucket lost is a full one).
@@ -360,7 +459,7 @@ impl Store {
                 row.get::<_, String>(0)?,
                 row.get::<_, i64>(1)?,
                 row.get::<_, i64>(2)?,
-                row.get::<_, Vec<u8>>(3)?,
+                row.get::<_, i64>(3)?,
                 row.get::<_, i64>(4)?,
                 row.get::<_, i64>(5)?,
                 row.get::<_, i64>(6)?,
@@ -368,9 +467,8 @@ impl Store {
         })?;
         for row in rows {
             let (kind, scope, entry, caller, full_at, interval, burst) = row?;
-            let (Some(kind), Ok(caller), Ok(full_at), Ok(interval), Ok(burst)) = (
+            let (Some(kind), Ok(full_at), Ok(interval), Ok(burst)) = (
                 throttle::Kind::parse(&kind),
-                <[u8; 32]>::try_from(caller.as_slice()),
                 u64::try_from(full_at),
                 u64::try_from(interval),
                 u64::try_from(burst),
@@ -384,13 +482,14 @@ impl Store {
                 kind,
                 scope: scope as u64,
                 entry: entry as u64,
-                caller,
+                caller: caller as u64,
             };
             buckets.insert(
                 key,
                 throttle::Bucket {
                     full_at,
                     limit: throttle::Limit { interval, burst },
+                    unsaved: false,
                 },
             );
         }
@@ -1406,7 +1505,7 @@ mod tests {
         // What a version-1 database looks like: no CRL tables.
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
-            "DROP TABLE crl_entries; DROP TABLE crls; DROP TABLE buckets; PRAGMA user_version = 1;",
+            "DROP TABLE crl_entries; DROP TABLE crls; DROP TABLE buckets; DROP TABLE counters; PRAGMA user_version = 1;",
         )
         .unwrap();
         drop(conn);

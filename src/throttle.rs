@@ -103,14 +103,21 @@ pub fn rescale(full_at: u64, from: Limit, to: Limit, now: u64) -> u64 {
 }
 
 /// Which bucket: the kind, the API or resource it belongs to, and the caller (certificate
-/// entry and leaf fingerprint; zero for the API's own bucket). Names are hashed
-/// ([`name_key`]), so a key is the same across reloads and restarts.
+/// entry, and the first 8 bytes of the leaf's SHA-256; zero for the API's own bucket). Names
+/// are hashed ([`name_key`]), so a key is the same across reloads and restarts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
     pub kind: Kind,
     pub scope: u64,
     pub entry: u64,
-    pub caller: [u8; 32],
+    pub caller: u64,
+}
+
+/// The caller part of a [`Key`]: the leaf fingerprint's first 8 bytes, a hash already.
+pub fn caller_key(sha256: &[u8; 32]) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&sha256[..8]);
+    u64::from_le_bytes(first)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -182,14 +189,14 @@ pub struct Bucket {
     pub full_at: u64,
     /// The limit `full_at` was reckoned with, to carry it over when the tier changes.
     pub limit: Limit,
+    /// Changed since it was last saved.
+    pub unsaved: bool,
 }
 
 /// Every bucket that is not full; a full one is the same as none.
 #[derive(Debug, Default)]
 pub struct Buckets {
     map: HashMap<Key, Bucket>,
-    /// A request took from a bucket since the last [`Buckets::take_changed`].
-    changed: bool,
 }
 
 impl Buckets {
@@ -231,7 +238,6 @@ impl Buckets {
                 headers,
             };
         }
-        self.changed |= !wants.is_empty();
         for ((key, limit), take) in wants.iter().zip(takes) {
             if let Some(Take::Allowed { full_at, .. }) = take {
                 self.map.insert(
@@ -239,6 +245,7 @@ impl Buckets {
                     Bucket {
                         full_at,
                         limit: *limit,
+                        unsaved: true,
                     },
                 );
             }
@@ -251,13 +258,25 @@ impl Buckets {
         self.map.retain(|key, b| b.full_at > now && keep(key));
     }
 
-    /// Whether any bucket changed since the last call: what is worth saving.
-    pub fn take_changed(&mut self) -> bool {
-        std::mem::take(&mut self.changed)
+    /// Up to `most` buckets changed since they were last saved.
+    pub fn unsaved(&self, most: usize) -> Vec<(Key, Bucket)> {
+        self.map
+            .iter()
+            .filter(|(_, b)| b.unsaved)
+            .take(most)
+            .map(|(k, b)| (*k, *b))
+            .collect()
     }
 
-    pub fn mark_changed(&mut self) {
-        self.changed = true;
+    /// Notes that `saved` are in the store, unless they changed again since.
+    pub fn mark_saved(&mut self, saved: &[(Key, Bucket)]) {
+        for (key, copy) in saved {
+            if let Some(b) = self.map.get_mut(key) {
+                if b.full_at == copy.full_at && b.limit == copy.limit {
+                    b.unsaved = false;
+                }
+            }
+        }
     }
 
     pub fn insert(&mut self, key: Key, bucket: Bucket) {
@@ -274,6 +293,74 @@ impl Buckets {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+/// Whom a count is for: the API, the certificate entry's alias and the caller's leaf
+/// fingerprint (lower-case hex), as `certgate status` shows them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CountKey {
+    pub api: String,
+    pub alias: String,
+    pub caller: String,
+}
+
+/// Requests allowed and throttled since the counts were last taken.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Count {
+    pub subject: String,
+    pub allowed: u64,
+    pub throttled: u64,
+}
+
+/// The counts of requests that reached throttling, since they were last saved: bounded by
+/// the callers of a few seconds.
+#[derive(Debug, Default)]
+pub struct Counters {
+    map: HashMap<(u64, u64, u64), (CountKey, Count)>,
+    unsaved: Vec<(CountKey, Count)>,
+}
+
+impl Counters {
+    /// Counts one request of the caller `(api, entry, caller)`; `names` gives the names the
+    /// first time it is seen.
+    pub fn count(
+        &mut self,
+        key: (u64, u64, u64),
+        allowed: bool,
+        names: impl FnOnce() -> (CountKey, String),
+    ) {
+        let (_, count) = self.map.entry(key).or_insert_with(|| {
+            let (key, subject) = names();
+            (
+                key,
+                Count {
+                    subject,
+                    ..Count::default()
+                },
+            )
+        });
+        if allowed {
+            count.allowed += 1;
+        } else {
+            count.throttled += 1;
+        }
+    }
+
+    /// The counts so far, leaving none.
+    pub fn take(&mut self) -> Vec<(CountKey, Count)> {
+        let mut counts = std::mem::take(&mut self.unsaved);
+        counts.extend(self.map.drain().map(|(_, v)| v));
+        counts
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty() && self.unsaved.is_empty()
+    }
+
+    /// Puts counts back that could not be saved, to go with the next [`Counters::take`].
+    pub fn restore(&mut self, counts: Vec<(CountKey, Count)>) {
+        self.unsaved.extend(counts);
     }
 }
 
@@ -432,7 +519,7 @@ mod tests {
             kind,
             scope,
             entry: 0,
-            caller: [0; 32],
+            caller: 0,
         }
     }
 

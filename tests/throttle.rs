@@ -248,3 +248,75 @@ fn the_quota_survives_a_restart() {
         "a token is back in six hours"
     );
 }
+
+/// `status --json` as rows.
+fn status(db: &Db) -> Vec<serde_json::Value> {
+    let out = db.cli(&["status", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn status_counts_allowed_and_throttled_per_caller_in_the_run_and_in_all() {
+    let backend = Backend::start();
+    let db = db_with_five(&backend);
+    db.cert_add("pizzashack", "a-pizza", "client-a");
+    set_tier(&db, "a-pizza", "Five");
+    db.cli(&[
+        "cert",
+        "add",
+        "--api",
+        "pizzashack",
+        "--alias",
+        "test-ca",
+        "--ca",
+        fixture("ca.pem").to_str().unwrap(),
+    ]);
+    let gw = db.serve();
+    let mut client = gw.client(Some("client-a"));
+    assert_eq!(until_throttled(&mut client, MENU, 10).0, 5);
+    assert_eq!(client.get(MENU).status, 429);
+    for _ in 0..3 {
+        assert_eq!(gw.client(Some("leaf-p256")).get(MENU).status, 200);
+    }
+    let rows = common::eventually("the counts are saved", || {
+        let rows = status(gw.db());
+        let total: u64 = rows.iter().map(|r| r["allowed"].as_u64().unwrap()).sum();
+        (total == 8).then_some(rows)
+    });
+    let row = |rows: &[serde_json::Value], alias: &str| {
+        rows.iter()
+            .find(|r| r["alias"] == alias)
+            .unwrap_or_else(|| panic!("no row for {alias}: {rows:?}"))
+            .clone()
+    };
+    let a = row(&rows, "a-pizza");
+    assert_eq!(
+        (a["allowed"].as_u64(), a["throttled"].as_u64()),
+        (Some(5), Some(2))
+    );
+    let leaf = row(&rows, "test-ca");
+    assert_eq!(leaf["allowed"], 3);
+    assert_eq!(leaf["subject"], "O=certgate tests, CN=leaf-p256");
+    assert_eq!(leaf["caller_sha256"].as_str().unwrap().len(), 64);
+
+    // A restart zeroes the run's counts and keeps the totals.
+    drop(client);
+    let db = gw.stop();
+    let gw = db.serve();
+    let rows = status(gw.db());
+    let a = row(&rows, "a-pizza");
+    assert_eq!(
+        (a["allowed"].as_u64(), a["allowed_total"].as_u64()),
+        (Some(0), Some(5))
+    );
+    assert_eq!(a["throttled_total"], 2);
+    let text = String::from_utf8(gw.db().cli(&["status"]).stdout).unwrap();
+    assert!(
+        text.starts_with("counts since the gateway started at"),
+        "{text}"
+    );
+}
