@@ -126,8 +126,10 @@ fn main() {
     )
     .expect("a store");
     let batch = buckets.unsaved(500);
-    let floor = time(20, |_| store.save_buckets(&[], T0).expect("save"));
-    let save = time(20, |_| store.save_buckets(&batch, T0).expect("save"));
+    let floor = time(20, |_| store.save_throttling(&[], &[], T0).expect("save"));
+    let save = time(20, |_| {
+        store.save_throttling(&batch, &[], T0).expect("save")
+    });
     println!(
         "saving {} buckets: {:.2} ms a tick ({:.0}x an empty save, {:.2} ms)",
         batch.len(),

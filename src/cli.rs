@@ -1500,8 +1500,9 @@ fn print_cert(
     )
 }
 
+/// A count from 1 up to what SQLite stores.
 fn positive(option: &'static str, n: u64) -> Result<u64, CliError> {
-    if n == 0 {
+    if n == 0 || i64::try_from(n).is_err() {
         return Err(CliError::Count {
             option,
             value: n.to_string(),

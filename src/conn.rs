@@ -393,7 +393,7 @@ impl Conn {
                     "the request head did not arrive in time".into(),
                 );
                 let id = cx.request_ids.next();
-                problem.write(id.as_str(), true, false, &mut self.output);
+                problem.write(id.as_str(), true, false, false, &mut self.output);
                 self.input.clear();
                 self.close(cx.now);
             }
@@ -655,7 +655,8 @@ impl Conn {
         let has_body = self.head.framing != Some(Framing::None);
         let close = has_body || !self.head.keep_alive || cx.draining;
         let http10 = self.head.minor_version == 0;
-        refusal.write(request_id.as_str(), close, http10, &mut self.output);
+        let head = &self.input[self.head.method.clone()] == b"HEAD";
+        refusal.write(request_id.as_str(), close, http10, head, &mut self.output);
         self.input.consume(self.head.len);
         self.next_request_or_close(close, cx);
         true
@@ -664,7 +665,7 @@ impl Conn {
     /// A head that could not be parsed: answer, and close (the framing is unknown).
     fn refuse_unparsed(&mut self, problem: Problem, cx: &mut Context<'_>) -> bool {
         let id = cx.request_ids.next();
-        problem.write(id.as_str(), true, false, &mut self.output);
+        problem.write(id.as_str(), true, false, false, &mut self.output);
         self.input.clear();
         self.close(cx.now);
         true
@@ -722,9 +723,11 @@ impl Conn {
     ) -> Result<Option<RateHeaders>, Problem> {
         let view = &cx.snapshot.apis[routed.api];
         let t = &view.throttle;
+        // A caller is its certificate; on a public resource without one, its address.
         let (entry_key, caller) = match (routed.entry, &self.client_cert) {
             (Some(e), Some(cert)) => (t.entries[e].0, throttle::caller_key(&cert.sha256)),
-            _ => (0, 0),
+            (None, Some(cert)) => (0, throttle::caller_key(&cert.sha256)),
+            (_, None) => (0, throttle::address_key(self.peer.ip())),
         };
         let mut wants: [(Key, Limit); 3] = [(
             Key {
@@ -763,7 +766,8 @@ impl Conn {
         push(Kind::Api, t.key, 0, 0, t.limit);
         let outcome = cx.buckets.take(&wants[..n], cx.bucket_now);
         let allowed = matches!(outcome, Outcome::Allowed(_));
-        cx.counters.count((t.key, entry_key, caller), allowed, || {
+        let counted = if routed.entry.is_some() { caller } else { 0 };
+        cx.counters.count((t.key, entry_key, counted), allowed, || {
             let (alias, subject, caller) = match (routed.entry, &self.client_cert) {
                 (Some(e), Some(cert)) => (
                     view.certs[e].alias.clone(),
@@ -809,12 +813,8 @@ impl Conn {
                         view.api.name
                     ),
                 );
-                let mut headers_text = Vec::new();
-                http::write_rate_headers(&headers, &mut headers_text);
-                problem.headers = format!(
-                    "Retry-After: {retry_after}\r\n{}",
-                    String::from_utf8_lossy(&headers_text)
-                );
+                problem.headers = format!("Retry-After: {retry_after}\r\n");
+                add_rate_headers(&mut problem, Some(&headers));
                 Err(problem)
             }
         }
@@ -908,8 +908,10 @@ impl Conn {
                 self.spare_buffers = (to_backend, from_backend);
                 let close = close || framing != Framing::None;
                 let http10 = self.head.minor_version == 0;
-                let problem = Problem::backend_unavailable(detail);
-                problem.write(request_id.as_str(), close, http10, &mut self.output);
+                let mut problem = Problem::backend_unavailable(detail);
+                add_rate_headers(&mut problem, rate.as_ref());
+                let head = request_was_head;
+                problem.write(request_id.as_str(), close, http10, head, &mut self.output);
                 self.next_request_or_close(close, cx);
                 return;
             }
@@ -1210,7 +1212,16 @@ impl Conn {
         }
         let close = ex.close || !ex.request.is_done();
         let http10 = self.head.minor_version == 0;
-        problem.write(ex.request_id.as_str(), close, http10, &mut self.output);
+        let mut problem = problem;
+        add_rate_headers(&mut problem, ex.rate.as_ref());
+        let head = ex.request_was_head;
+        problem.write(
+            ex.request_id.as_str(),
+            close,
+            http10,
+            head,
+            &mut self.output,
+        );
         self.next_request_or_close(close, cx);
         true
     }
@@ -1321,6 +1332,15 @@ fn rfc9440(
     let chain =
         (!chain.is_empty()).then(|| chain.iter().map(|c| item(c)).collect::<Vec<_>>().join(", "));
     (item(leaf), chain)
+}
+
+/// The `RateLimit-*` lines of a throttled request, on the gateway's own answer to it.
+fn add_rate_headers(problem: &mut Problem, rate: Option<&RateHeaders>) {
+    if let Some(rate) = rate {
+        let mut lines = Vec::new();
+        http::write_rate_headers(rate, &mut lines);
+        problem.headers.push_str(&String::from_utf8_lossy(&lines));
+    }
 }
 
 /// The client certificate's fingerprint and subject, once per connection.

@@ -458,8 +458,15 @@ impl Problem {
         Self::new(502, "backend-unavailable", "Backend unavailable", detail)
     }
 
-    /// Appends the whole answer to `out`.
-    pub fn write(&self, request_id: &str, close: bool, http10: bool, out: &mut Vec<u8>) {
+    /// Appends the whole answer to `out`; to a HEAD request (`head`), all but the body.
+    pub fn write(
+        &self,
+        request_id: &str,
+        close: bool,
+        http10: bool,
+        head: bool,
+        out: &mut Vec<u8>,
+    ) {
         let body = serde_json::json!({
             "type": format!("urn:certgate:problem:{}", self.code),
             "title": self.title,
@@ -480,7 +487,9 @@ impl Problem {
         );
         out.extend_from_slice(connection_header(close, http10));
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(body.as_bytes());
+        if !head {
+            out.extend_from_slice(body.as_bytes());
+        }
     }
 }
 

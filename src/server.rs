@@ -86,15 +86,12 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Binds the listeners of `addrs`, saying `listening on ADDR` on stderr for each.
+/// Binds the listeners of `addrs`; [`run`] says `listening on ADDR` once it serves them.
 pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, ServeError> {
     addrs
         .iter()
         .map(|&addr| {
-            let listener = std::net::TcpListener::bind(addr)
-                .map_err(|source| ServeError::Listen { addr, source })?;
-            eprintln!("listening on {}", listener.local_addr()?);
-            Ok(listener)
+            std::net::TcpListener::bind(addr).map_err(|source| ServeError::Listen { addr, source })
         })
         .collect()
 }
@@ -148,6 +145,10 @@ pub fn run(
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)?;
+    // Everything is set up: what a client does from now on is served.
+    for listener in &listeners {
+        eprintln!("listening on {}", listener.local_addr()?);
+    }
 
     let mut server = Server {
         poll,
@@ -476,16 +477,14 @@ impl Server {
         let batch = self
             .buckets
             .unsaved(if last { usize::MAX } else { PERSIST_BATCH });
-        if !batch.is_empty() || last {
-            match self.store.save_buckets(&batch, now) {
-                Ok(()) => self.buckets.mark_saved(&batch),
-                Err(e) => eprintln!("throttling: cannot save the buckets now: {e}"),
-            }
+        if batch.is_empty() && self.counters.is_empty() && !last {
+            return;
         }
-        if !self.counters.is_empty() {
-            let counts = self.counters.take();
-            if let Err(e) = self.store.save_counts(&counts) {
-                eprintln!("status: cannot save the counts now: {e}");
+        let counts = self.counters.take();
+        match self.store.save_throttling(&batch, &counts, now) {
+            Ok(()) => self.buckets.mark_saved(&batch),
+            Err(e) => {
+                eprintln!("throttling: cannot save buckets and counts now: {e}");
                 self.counters.restore(counts);
             }
         }

@@ -322,8 +322,11 @@ impl Store {
     }
 
     /// For the serving loop: a locked database fails at once with [`StoreError::Busy`] and the
-    /// loop retries on its next tick instead of blocking.
+    /// loop retries on its next tick instead of blocking; its own commits (throttling state)
+    /// skip the fsync per commit (`synchronous = NORMAL`: in WAL mode a commit still survives
+    /// the process being killed, only a power cut may take the last ones).
     pub fn set_nonblocking(&self) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         self.set_busy_timeout(Duration::ZERO)
     }
 
@@ -339,11 +342,12 @@ impl Store {
             .pragma_query_value(None, "data_version", |row| row.get(0))?)
     }
 
-    /// Saves `buckets` (upserting each) and forgets the saved ones that are full by `now`, in
-    /// one transaction.
-    pub fn save_buckets(
+    /// Saves throttling state in one transaction: `buckets` upserted, the saved ones full by
+    /// `now` forgotten, and `counts` added to the totals and to the current run's.
+    pub fn save_throttling(
         &mut self,
         buckets: &[(throttle::Key, throttle::Bucket)],
+        counts: &[(throttle::CountKey, throttle::Count)],
         now: u64,
     ) -> Result<(), StoreError> {
         let tx = self.write()?;
@@ -364,18 +368,6 @@ impl Store {
                     clamp_i64(bucket.limit.burst),
                 ])?;
             }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Adds counts to the totals and to the current run's.
-    pub fn save_counts(
-        &mut self,
-        counts: &[(throttle::CountKey, throttle::Count)],
-    ) -> Result<(), StoreError> {
-        let tx = self.write()?;
-        {
             let mut upsert = tx.prepare(
                 "INSERT INTO counters (api, alias, caller, subject, allowed_total, throttled_total,
                                        allowed_run, throttled_run)

@@ -8,7 +8,7 @@
 //! the connection), where buckets live and when they are saved ([`crate::server`],
 //! [`crate::store`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::model::{Period, Rate};
 
@@ -113,6 +113,19 @@ pub struct Key {
     pub caller: u64,
 }
 
+/// The caller part of a [`Key`] for a caller without a certificate (on a public resource):
+/// its address, hashed.
+pub fn address_key(ip: std::net::IpAddr) -> u64 {
+    let octets = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let digest = ring::digest::digest(&ring::digest::SHA256, &octets);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_le_bytes(first)
+}
+
 /// The caller part of a [`Key`]: the leaf fingerprint's first 8 bytes, a hash already.
 pub fn caller_key(sha256: &[u8; 32]) -> u64 {
     let mut first = [0u8; 8];
@@ -197,6 +210,9 @@ pub struct Bucket {
 #[derive(Debug, Default)]
 pub struct Buckets {
     map: HashMap<Key, Bucket>,
+    /// The keys of unsaved buckets, oldest change first, each once: saved in turn, so that
+    /// none waits behind busier ones.
+    unsaved: VecDeque<Key>,
 }
 
 impl Buckets {
@@ -221,7 +237,7 @@ impl Buckets {
             }
             takes[i] = Some(take);
         }
-        let headers = tightest.map(|(i, take)| RateHeaders {
+        let headers = |i: usize, take: Take| RateHeaders {
             limit: wants[i].1.burst,
             remaining: take.remaining(),
             reset: whole_seconds(
@@ -230,16 +246,21 @@ impl Buckets {
                 },
                 0,
             ),
-        });
-        if let (Some((by, retry_after)), Some(headers)) = (refused, headers) {
-            return Outcome::Throttled {
-                by,
-                retry_after: whole_seconds(retry_after, 1),
-                headers,
-            };
+        };
+        // A refusal tells of the bucket that refused; an allowed request of the tightest.
+        if let Some((by, retry_after)) = refused {
+            if let Some(take) = takes[by] {
+                return Outcome::Throttled {
+                    by,
+                    retry_after: whole_seconds(retry_after, 1),
+                    headers: headers(by, take),
+                };
+            }
         }
+        let headers = tightest.map(|(i, take)| headers(i, take));
         for ((key, limit), take) in wants.iter().zip(takes) {
             if let Some(Take::Allowed { full_at, .. }) = take {
+                let was_unsaved = self.map.get(key).is_some_and(|b| b.unsaved);
                 self.map.insert(
                     *key,
                     Bucket {
@@ -248,6 +269,9 @@ impl Buckets {
                         unsaved: true,
                     },
                 );
+                if !was_unsaved {
+                    self.unsaved.push_back(*key);
+                }
             }
         }
         Outcome::Allowed(headers)
@@ -256,19 +280,20 @@ impl Buckets {
     /// Drops the buckets that are full again by `now`, and those `keep` rejects.
     pub fn retain(&mut self, now: u64, keep: impl Fn(&Key) -> bool) {
         self.map.retain(|key, b| b.full_at > now && keep(key));
+        let map = &self.map;
+        self.unsaved.retain(|k| map.contains_key(k));
     }
 
-    /// Up to `most` buckets changed since they were last saved.
+    /// Up to `most` buckets changed since they were last saved, those changed first first.
     pub fn unsaved(&self, most: usize) -> Vec<(Key, Bucket)> {
-        self.map
+        self.unsaved
             .iter()
-            .filter(|(_, b)| b.unsaved)
+            .filter_map(|k| self.map.get(k).filter(|b| b.unsaved).map(|b| (*k, *b)))
             .take(most)
-            .map(|(k, b)| (*k, *b))
             .collect()
     }
 
-    /// Notes that `saved` are in the store, unless they changed again since.
+    /// Notes that `saved` are in the store; one that changed again since waits its turn anew.
     pub fn mark_saved(&mut self, saved: &[(Key, Bucket)]) {
         for (key, copy) in saved {
             if let Some(b) = self.map.get_mut(key) {
@@ -277,6 +302,9 @@ impl Buckets {
                 }
             }
         }
+        let map = &self.map;
+        self.unsaved
+            .retain(|k| map.get(k).is_some_and(|b| b.unsaved));
     }
 
     pub fn insert(&mut self, key: Key, bucket: Bucket) {
@@ -318,7 +346,8 @@ pub struct Count {
 #[derive(Debug, Default)]
 pub struct Counters {
     map: HashMap<(u64, u64, u64), (CountKey, Count)>,
-    unsaved: Vec<(CountKey, Count)>,
+    /// Counts a failed save gave back, merged by whom they are for.
+    unsaved: HashMap<CountKey, Count>,
 }
 
 impl Counters {
@@ -350,8 +379,10 @@ impl Counters {
     /// The counts so far, leaving none.
     pub fn take(&mut self) -> Vec<(CountKey, Count)> {
         let mut counts = std::mem::take(&mut self.unsaved);
-        counts.extend(self.map.drain().map(|(_, v)| v));
-        counts
+        for (key, count) in self.map.drain().map(|(_, v)| v) {
+            merge(&mut counts, key, count);
+        }
+        counts.into_iter().collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -360,7 +391,18 @@ impl Counters {
 
     /// Puts counts back that could not be saved, to go with the next [`Counters::take`].
     pub fn restore(&mut self, counts: Vec<(CountKey, Count)>) {
-        self.unsaved.extend(counts);
+        for (key, count) in counts {
+            merge(&mut self.unsaved, key, count);
+        }
+    }
+}
+
+fn merge(into: &mut HashMap<CountKey, Count>, key: CountKey, count: Count) {
+    let sum = into.entry(key).or_default();
+    sum.allowed += count.allowed;
+    sum.throttled += count.throttled;
+    if sum.subject.is_empty() {
+        sum.subject = count.subject;
     }
 }
 
@@ -563,6 +605,27 @@ mod tests {
         assert_eq!(buckets.len(), 2);
         buckets.retain(T0 + 3_600 * S, |_| true);
         assert!(buckets.is_empty());
+    }
+
+    #[test]
+    fn unsaved_buckets_are_saved_in_the_order_they_changed() {
+        let mut buckets = Buckets::default();
+        let limit = per_minute(100, 100);
+        for scope in 1..=5 {
+            buckets.take(&[(key(Kind::Api, scope), limit)], T0);
+        }
+        let first = buckets.unsaved(2);
+        assert_eq!(
+            first.iter().map(|(k, _)| k.scope).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        buckets.mark_saved(&first);
+        // Bucket 1 changes again: it waits behind 3, 4 and 5.
+        buckets.take(&[(key(Kind::Api, 1), limit)], T0);
+        let next: Vec<u64> = buckets.unsaved(10).iter().map(|(k, _)| k.scope).collect();
+        assert_eq!(next, [3, 4, 5, 1]);
+        buckets.mark_saved(&buckets.unsaved(10));
+        assert!(buckets.unsaved(10).is_empty());
     }
 
     #[test]

@@ -71,9 +71,55 @@ fn a_five_per_minute_tier_allows_five_and_throttles_the_sixth() {
         "Retry-After {retry}: one request is back in 12 s"
     );
     assert_eq!(number(&refused, "ratelimit-remaining"), 0);
-    // The refusal took nothing and the connection serves on.
+    // The refusal took nothing and the connection serves on; a HEAD gets its 429 without a
+    // body, so the next answer on the connection is read as itself.
     assert_eq!(client.get(MENU).status, 429);
     assert!(!refused.closes());
+    client
+        .send(format!("HEAD {MENU} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .unwrap();
+    let head = client.read_response(true).unwrap();
+    assert_eq!((head.status, head.body.len()), (429, 0));
+    assert!(head.header("retry-after").is_some());
+    let next = client.get(MENU);
+    assert_eq!(next.json()["code"], "throttled");
+}
+
+#[test]
+fn a_public_resource_throttles_each_caller_by_certificate_or_address() {
+    let backend = Backend::start();
+    let db = db_with_five(&backend);
+    db.cli(&["tier", "add", "Two", "--requests", "2", "--per", "minute"]);
+    db.cli(&[
+        "api",
+        "resource",
+        "add",
+        "pizzashack",
+        "--method",
+        "GET",
+        "--path",
+        "/menu",
+        "--tier",
+        "Two",
+        "--no-auth",
+    ]);
+    db.cert_add("pizzashack", "a-pizza", "client-a");
+    let gw = db.serve();
+    assert_eq!(
+        until_throttled(&mut gw.client(Some("client-a")), MENU, 10).0,
+        2
+    );
+    // Another certificate (registered or not) is another caller; so is no certificate.
+    assert_eq!(
+        until_throttled(&mut gw.client(Some("client-b")), MENU, 10).0,
+        2
+    );
+    assert_eq!(until_throttled(&mut gw.client(None), MENU, 10).0, 2);
+    assert_eq!(
+        gw.client(None).get(MENU).status,
+        429,
+        "the same address is the same caller"
+    );
 }
 
 #[test]
