@@ -807,7 +807,17 @@ fn run_serve(db: &Path, args: ServeArgs) -> Result<(), CliError> {
             db.display()
         );
     }
-    let listeners = server::bind(&options.listen)?;
+    // Sockets from systemd's socket activation, unless --listen says otherwise.
+    let inherited = if args.listen.is_empty() {
+        crate::systemd::listen_fds().map_err(|e| CliError::Serve(e.into()))?
+    } else {
+        Vec::new()
+    };
+    let listeners = if inherited.is_empty() {
+        server::bind(&options.listen)?
+    } else {
+        inherited
+    };
     server::run(store, listeners, options)?;
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! - [`snapshot`]: the in-memory, immutable view of the store that the loop serves from.
 //! - [`route`]: routing a request path to an API and a resource (pure).
 //! - [`policy`]: the security decision for one request (pure).
+//! - [`systemd`]: notifications, the watchdog and socket activation, by their protocols.
 //! - [`throttle`]: token buckets as one number each (GCRA), pure integer arithmetic.
 //! - [`tls`]: the rustls server configuration and the client-certificate verifier.
 //! - [`http`]: HTTP/1.1 heads and body framing, and the gateway's own answers.
@@ -38,5 +39,6 @@ pub mod route;
 pub mod server;
 pub mod snapshot;
 pub mod store;
+pub mod systemd;
 pub mod throttle;
 pub mod tls;

@@ -31,6 +31,7 @@ use crate::model::{Config, ECHO_BACKEND};
 use crate::pool::{self, Owner, Pool, Use};
 use crate::snapshot::Snapshot;
 use crate::store::Store;
+use crate::systemd::{self, Notifier};
 use crate::throttle::{Buckets, Counters, Monotonic};
 use crate::tls::{SessionState, TlsError};
 
@@ -149,6 +150,11 @@ pub fn run(
     for listener in &listeners {
         eprintln!("listening on {}", listener.local_addr()?);
     }
+    let notifier = Notifier::from_env();
+    notifier.notify(&format!(
+        "READY=1\nSTATUS=serving {} APIs",
+        snapshot.apis.len()
+    ));
 
     let mut server = Server {
         poll,
@@ -171,6 +177,8 @@ pub fn run(
         again: Vec::new(),
         accept_failed: false,
         accept_paused: false,
+        notifier,
+        watchdog: systemd::watchdog_interval(),
     };
     server.run()
 }
@@ -202,6 +210,9 @@ struct Server {
     accept_failed: bool,
     /// Accepting stopped at `max_connections`: resume once a connection closes.
     accept_paused: bool,
+    notifier: Notifier,
+    /// How often systemd's watchdog wants to hear from the loop.
+    watchdog: Option<Duration>,
 }
 
 impl Server {
@@ -211,9 +222,14 @@ impl Server {
         let mut next_reload = Instant::now() + RELOAD_INTERVAL;
         let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
         let mut next_persist = Instant::now() + PERSIST_INTERVAL;
+        let far = Instant::now() + Duration::from_secs(3_600);
+        let mut next_watchdog = self.watchdog.map_or(far, |_| Instant::now());
         loop {
             let now = Instant::now();
-            let wake = next_reload.min(next_sweep).min(next_persist);
+            let wake = next_reload
+                .min(next_sweep)
+                .min(next_persist)
+                .min(next_watchdog);
             let timeout = if self.again.is_empty() {
                 wake.saturating_duration_since(now)
             } else {
@@ -271,7 +287,17 @@ impl Server {
             self.resume_accepting();
             let now = Instant::now();
             if reload_now || now >= next_reload {
+                if reload_now {
+                    self.notifier.notify("RELOADING=1");
+                }
                 self.reload(reload_now);
+                if reload_now {
+                    self.notifier.notify(&format!(
+                        "READY=1\nSTATUS=serving {} APIs, configuration generation {}",
+                        self.snapshot.apis.len(),
+                        self.snapshot.generation
+                    ));
+                }
                 next_reload = now + RELOAD_INTERVAL;
             }
             if now >= next_sweep {
@@ -281,6 +307,13 @@ impl Server {
             if now >= next_persist {
                 self.persist(false);
                 next_persist = now + PERSIST_INTERVAL;
+            }
+            if let Some(interval) = self.watchdog {
+                if now >= next_watchdog {
+                    // The loop came round: it is alive.
+                    self.notifier.notify("WATCHDOG=1");
+                    next_watchdog = now + interval;
+                }
             }
             if let Some(deadline) = self.drain_deadline {
                 if self.conns.is_empty() {
@@ -344,6 +377,8 @@ impl Server {
             }
         }
         if stop && self.drain_deadline.is_none() {
+            self.notifier
+                .notify("STOPPING=1\nSTATUS=draining: finishing requests in flight");
             eprintln!(
                 "stopping: no new connections; draining {} connections",
                 self.conns.len()

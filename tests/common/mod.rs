@@ -235,6 +235,11 @@ impl Db {
 
     /// Like [`Db::serve`] with extra `serve` options.
     pub fn serve_with(self, extra: &[&str]) -> Gateway {
+        self.serve_with_env(extra, &[])
+    }
+
+    /// Like [`Db::serve_with`], with environment variables set for the gateway.
+    pub fn serve_with_env(self, extra: &[&str], env: &[(&str, &str)]) -> Gateway {
         let pem = self.server_cert_pem();
         let server_cert = CertificateDer::pem_slice_iter(pem.as_bytes())
             .next()
@@ -251,6 +256,7 @@ impl Db {
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
             .env_remove("CERTGATE_DB")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
