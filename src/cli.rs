@@ -46,6 +46,8 @@ pub enum CliError {
     Expired { file: String, date: String },
     #[error("{0}")]
     Unusable(Box<CliError>),
+    #[error("{0}")]
+    LogFormat(String),
     #[error(
         "{0} of the certificates checked need attention (expired, or expiring within {1} days)"
     )]
@@ -252,6 +254,9 @@ pub struct ServeArgs {
     /// seconds to finish requests in flight on SIGTERM (default 30)
     #[argh(option)]
     drain_timeout: Option<String>,
+    /// the access log on stderr: logfmt (default), json or off
+    #[argh(option, default = "String::from(\"logfmt\")")]
+    log_format: String,
 }
 
 /// APIs, their resources and backends.
@@ -747,6 +752,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
                 .listen
                 .parse()
                 .map_err(|_| CliError::Listen(args.listen.clone()))?;
+            crate::log::init(crate::log::LogFormat::Logfmt);
             quickstart::run(&args.dir, listen, ServeOptions::default(), unix_now(), out)?;
             Ok(())
         }
@@ -799,6 +805,8 @@ fn run_init(db: &Path, args: InitArgs, out: &mut dyn Write) -> Result<(), CliErr
 
 fn run_serve(db: &Path, args: ServeArgs) -> Result<(), CliError> {
     let options = serve_options(&args)?;
+    let format = args.log_format.parse().map_err(CliError::LogFormat)?;
+    crate::log::init(format);
     let existed = db.exists();
     let store = Store::open_or_create(db, &InitOptions::default())?;
     if !existed {

@@ -210,6 +210,50 @@ enum Response {
     Done,
 }
 
+impl Drop for Conn {
+    /// A request cut off before its end (the client went, the answer broke off, the drain
+    /// deadline passed) is still told, with what it got.
+    fn drop(&mut self) {
+        if let Some(p) = &mut self.pending {
+            p.upstream = p.upstream_started.map(|t| t.elapsed());
+        }
+        let (status, bytes) = self
+            .pending
+            .as_ref()
+            .map_or((0, 0), |p| (p.status, p.bytes));
+        self.end_log(status, bytes, Instant::now());
+    }
+}
+
+/// A request still to be told in the access log.
+struct Pending {
+    started: Instant,
+    id: RequestId,
+    /// The answer's status, once its head went out (0 before).
+    status: u16,
+    /// Bytes of the answer's body sent so far.
+    bytes: u64,
+    /// When the request left for the backend, and how long the backend took to answer it all.
+    upstream_started: Option<Instant>,
+    upstream: Option<Duration>,
+}
+
+/// The names in a request's log line, as text reused from request to request.
+#[derive(Default)]
+struct LogFields {
+    method: String,
+    path: String,
+    api: String,
+    caller: String,
+}
+
+impl LogFields {
+    fn set(field: &mut String, value: &str) {
+        field.clear();
+        field.push_str(value);
+    }
+}
+
 /// A request that routing and policy let through.
 struct Routed {
     api: usize,
@@ -256,6 +300,10 @@ pub struct Conn {
     /// The backend connection leased from the pool while an exchange runs.
     backend: Option<usize>,
     client_cert: Option<ClientCert>,
+    /// The request being answered, for its access-log line once it is done.
+    pending: Option<Pending>,
+    /// What the line says of it, kept from when it was parsed: reused from request to request.
+    log: LogFields,
     /// The client certificate's standing for the APIs it called, found under one snapshot
     /// generation ([`Conn::refresh_standing`]); at most [`MAX_STANDINGS`].
     standings: Vec<CachedStanding>,
@@ -300,6 +348,8 @@ impl Conn {
             backend: None,
             client_cert: None,
             standings: Vec::new(),
+            pending: None,
+            log: LogFields::default(),
             cert_headers: None,
             input: ReadBuf::default(),
             spare_buffers: (Vec::new(), ReadBuf::default()),
@@ -393,7 +443,9 @@ impl Conn {
                     "the request head did not arrive in time".into(),
                 );
                 let id = cx.request_ids.next();
-                problem.write(id.as_str(), true, false, false, &mut self.output);
+                self.begin_unparsed_log(id, cx.now);
+                let bytes = problem.write(id.as_str(), true, false, false, &mut self.output);
+                self.end_log(problem.status, bytes as u64, cx.now);
                 self.input.clear();
                 self.close(cx.now);
             }
@@ -638,6 +690,7 @@ impl Conn {
             return self.refuse_unparsed(head_too_large(cx.limits.max_head), cx);
         }
         let request_id = cx.request_ids.next();
+        self.begin_log(request_id, cx.now);
         let refusal = match self.route(cx) {
             Ok(_) if matches!(self.head.framing, Some(Framing::Length(n)) if n > cx.limits.max_body) => {
                 body_too_large(cx.limits.max_body)
@@ -656,7 +709,8 @@ impl Conn {
         let close = has_body || !self.head.keep_alive || cx.draining;
         let http10 = self.head.minor_version == 0;
         let head = &self.input[self.head.method.clone()] == b"HEAD";
-        refusal.write(request_id.as_str(), close, http10, head, &mut self.output);
+        let bytes = refusal.write(request_id.as_str(), close, http10, head, &mut self.output);
+        self.end_log(refusal.status, bytes as u64, cx.now);
         self.input.consume(self.head.len);
         self.next_request_or_close(close, cx);
         true
@@ -665,10 +719,73 @@ impl Conn {
     /// A head that could not be parsed: answer, and close (the framing is unknown).
     fn refuse_unparsed(&mut self, problem: Problem, cx: &mut Context<'_>) -> bool {
         let id = cx.request_ids.next();
-        problem.write(id.as_str(), true, false, false, &mut self.output);
+        self.begin_unparsed_log(id, cx.now);
+        let bytes = problem.write(id.as_str(), true, false, false, &mut self.output);
+        self.end_log(problem.status, bytes as u64, cx.now);
         self.input.clear();
         self.close(cx.now);
         true
+    }
+
+    /// Starts the log line of the request just parsed.
+    fn begin_log(&mut self, id: RequestId, now: Instant) {
+        let input = &self.input;
+        let text =
+            |range: std::ops::Range<usize>| std::str::from_utf8(&input[range]).unwrap_or("-");
+        LogFields::set(&mut self.log.method, text(self.head.method.clone()));
+        LogFields::set(
+            &mut self.log.path,
+            text(self.head.path.start..self.head.query.end),
+        );
+        LogFields::set(&mut self.log.api, "-");
+        LogFields::set(&mut self.log.caller, "-");
+        self.pending = Some(Pending {
+            started: now,
+            id,
+            status: 0,
+            bytes: 0,
+            upstream_started: None,
+            upstream: None,
+        });
+    }
+
+    /// Starts the log line of a request whose head could not be read.
+    fn begin_unparsed_log(&mut self, id: RequestId, now: Instant) {
+        for field in [
+            &mut self.log.method,
+            &mut self.log.path,
+            &mut self.log.api,
+            &mut self.log.caller,
+        ] {
+            LogFields::set(field, "-");
+        }
+        self.pending = Some(Pending {
+            started: self.head_started.unwrap_or(now),
+            id,
+            status: 0,
+            bytes: 0,
+            upstream_started: None,
+            upstream: None,
+        });
+    }
+
+    /// Writes the pending request's log line: its answer had `status` and `bytes` of body.
+    fn end_log(&mut self, status: u16, bytes: u64, now: Instant) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        crate::log::request(&crate::log::Entry {
+            id: p.id.as_str(),
+            peer: self.peer,
+            api: &self.log.api,
+            caller: &self.log.caller,
+            method: &self.log.method,
+            path: &self.log.path,
+            status,
+            bytes,
+            duration: now - p.started,
+            upstream: p.upstream,
+        });
     }
 
     /// Routes and judges the parsed head: the API, the resource and the certificate entry that
@@ -683,6 +800,7 @@ impl Conn {
             .find(path)
             .ok_or_else(|| Problem::not_found(path))?;
         let view = &snapshot.apis[index];
+        LogFields::set(&mut self.log.api, &view.api.name);
         let resource_index = match crate::route::match_resource(&view.resources, method, rest) {
             ResourceMatch::Unrestricted => None,
             ResourceMatch::Matched(i) => Some(i),
@@ -705,11 +823,17 @@ impl Conn {
             .as_ref()
             .zip(standing.map(|i| &self.standings[i].standing));
         match policy::decide(caller, view, resource, cx.unix_now) {
-            Decision::Allow { entry } => Ok(Routed {
-                api: index,
-                resource: resource_index,
-                entry,
-            }),
+            Decision::Allow { entry } => {
+                LogFields::set(
+                    &mut self.log.caller,
+                    entry.map_or("-", |e| view.certs[e].alias.as_str()),
+                );
+                Ok(Routed {
+                    api: index,
+                    resource: resource_index,
+                    entry,
+                })
+            }
             Decision::Refuse(refusal) => Err(refusal.to_problem()),
         }
     }
@@ -911,7 +1035,9 @@ impl Conn {
                 let mut problem = Problem::backend_unavailable(detail);
                 add_rate_headers(&mut problem, rate.as_ref());
                 let head = request_was_head;
-                problem.write(request_id.as_str(), close, http10, head, &mut self.output);
+                let bytes =
+                    problem.write(request_id.as_str(), close, http10, head, &mut self.output);
+                self.end_log(problem.status, bytes as u64, cx.now);
                 self.next_request_or_close(close, cx);
                 return;
             }
@@ -919,6 +1045,9 @@ impl Conn {
         if expect_continue {
             self.output
                 .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        if let Some(p) = &mut self.pending {
+            p.upstream_started = Some(cx.now);
         }
         self.phase = Phase::Proxying(Exchange {
             rate,
@@ -1104,6 +1233,9 @@ impl Conn {
                 let out = &mut self.output;
                 let rate = ex.rate.as_ref();
                 http::write_client_head(&ex.from_backend, head, ex.close, http10, rate, out);
+                if let Some(p) = &mut self.pending {
+                    p.status = head.status;
+                }
                 ex.from_backend.consume(head.len);
                 ex.response = Response::Body {
                     body: Body::new(framing),
@@ -1116,6 +1248,7 @@ impl Conn {
                 if !ex.from_backend.is_empty() && self.output.len() < BUFFER {
                     let take = ex.from_backend.len().min(BUFFER - self.output.len());
                     let input = &ex.from_backend[..take];
+                    let before = self.output.len();
                     let relayed = if *decode {
                         body.advance_with(input, |content| self.output.extend_from_slice(content))
                     } else {
@@ -1127,6 +1260,9 @@ impl Conn {
                         Ok(n) => {
                             ex.from_backend.consume(n);
                             progress = n > 0;
+                            if let Some(p) = &mut self.pending {
+                                p.bytes += (self.output.len() - before) as u64;
+                            }
                         }
                         Err(_) => {
                             // Part of the answer is out: all that is left is to close.
@@ -1174,6 +1310,14 @@ impl Conn {
             None => {}
         }
         self.spare_buffers = (ex.to_backend, ex.from_backend);
+        if let Some(p) = &mut self.pending {
+            p.upstream = p.upstream_started.map(|t| cx.now - t);
+        }
+        let (status, bytes) = self
+            .pending
+            .as_ref()
+            .map_or((0, 0), |p| (p.status, p.bytes));
+        self.end_log(status, bytes, cx.now);
         self.next_request_or_close(close, cx);
         true
     }
@@ -1207,7 +1351,16 @@ impl Conn {
             mem::take(&mut ex.to_backend),
             mem::take(&mut ex.from_backend),
         );
+        if let Some(p) = &mut self.pending {
+            p.upstream = p.upstream_started.map(|t| cx.now - t);
+        }
         if !matches!(ex.response, Response::Head) {
+            // Part of the answer went out: the line tells what did.
+            let (status, bytes) = self
+                .pending
+                .as_ref()
+                .map_or((0, 0), |p| (p.status, p.bytes));
+            self.end_log(status, bytes, cx.now);
             return true;
         }
         let close = ex.close || !ex.request.is_done();
@@ -1215,13 +1368,9 @@ impl Conn {
         let mut problem = problem;
         add_rate_headers(&mut problem, ex.rate.as_ref());
         let head = ex.request_was_head;
-        problem.write(
-            ex.request_id.as_str(),
-            close,
-            http10,
-            head,
-            &mut self.output,
-        );
+        let id = ex.request_id;
+        let bytes = problem.write(id.as_str(), close, http10, head, &mut self.output);
+        self.end_log(problem.status, bytes as u64, cx.now);
         self.next_request_or_close(close, cx);
         true
     }

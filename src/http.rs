@@ -459,6 +459,7 @@ impl Problem {
     }
 
     /// Appends the whole answer to `out`; to a HEAD request (`head`), all but the body.
+    /// Returns the length of the body it wrote.
     pub fn write(
         &self,
         request_id: &str,
@@ -466,7 +467,7 @@ impl Problem {
         http10: bool,
         head: bool,
         out: &mut Vec<u8>,
-    ) {
+    ) -> usize {
         let body = serde_json::json!({
             "type": format!("urn:certgate:problem:{}", self.code),
             "title": self.title,
@@ -487,9 +488,11 @@ impl Problem {
         );
         out.extend_from_slice(connection_header(close, http10));
         out.extend_from_slice(b"\r\n");
-        if !head {
-            out.extend_from_slice(body.as_bytes());
+        if head {
+            return 0;
         }
+        out.extend_from_slice(body.as_bytes());
+        body.len()
     }
 }
 

@@ -16,6 +16,7 @@
 //! - [`throttle`]: token buckets as one number each (GCRA), pure integer arithmetic.
 //! - [`tls`]: the rustls server configuration and the client-certificate verifier.
 //! - [`http`]: HTTP/1.1 heads and body framing, and the gateway's own answers.
+//! - [`log`]: the access log's lines, in logfmt or JSON.
 //! - [`conn`]: one client connection and its backend connection, as a state machine.
 //! - [`echo`]: the built-in echo backend (`builtin:echo`), served by the same loop.
 //! - [`pool`]: idle backend connections shared by all client connections, and the tokens.
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod conn;
 pub mod echo;
 pub mod http;
+pub mod log;
 pub mod model;
 pub mod policy;
 pub mod pool;
