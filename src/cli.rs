@@ -227,6 +227,9 @@ pub struct ServeArgs {
     /// refuse TLS handshakes without a client certificate
     #[argh(switch)]
     require_client_cert: bool,
+    /// serve /healthz and /metrics over plain HTTP on this address (meant for loopback)
+    #[argh(option)]
+    admin: Option<String>,
     /// the largest request head in bytes (default 16384; larger gets 431)
     #[argh(option)]
     max_head: Option<String>,
@@ -836,6 +839,9 @@ fn serve_options(args: &ServeArgs) -> Result<ServeOptions, CliError> {
         require_client_cert: args.require_client_cert,
         ..ServeOptions::default()
     };
+    if let Some(admin) = &args.admin {
+        options.admin = Some(admin.parse().map_err(|_| CliError::Listen(admin.clone()))?);
+    }
     if !args.listen.is_empty() {
         options.listen = args
             .listen

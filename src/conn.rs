@@ -497,6 +497,7 @@ impl Conn {
                 // A client that takes no part of its answer is given up on.
                 Wait::ClientRead => {}
             },
+            Phase::Handshaking => crate::metrics::handshake_failure("timeout"),
             _ => {}
         }
         self.pump(cx)
@@ -549,7 +550,10 @@ impl Conn {
                         self.client_readable = false;
                     }
                     progress = true;
-                    if self.tls.process_new_packets().is_err() {
+                    if let Err(e) = self.tls.process_new_packets() {
+                        if self.tls.is_handshaking() {
+                            crate::metrics::handshake_failure(handshake_failure_reason(&e));
+                        }
                         // rustls queued an alert; send it and go.
                         let _ = self.tls.write_tls(&mut self.sock);
                         self.phase = Phase::Closed;
@@ -604,11 +608,19 @@ impl Conn {
                 if self.tls.is_handshaking() {
                     // A drain takes no new callers: a handshake not yet done is dropped.
                     if self.client_eof || cx.draining {
+                        let reason = if cx.draining {
+                            "draining"
+                        } else {
+                            "closed-by-client"
+                        };
+                        crate::metrics::handshake_failure(reason);
                         self.phase = Phase::Closed;
                         return true;
                     }
                     return false;
                 }
+                let resumed = self.tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                crate::metrics::handshake(resumed);
                 if let Some((leaf, chain)) =
                     self.tls.peer_certificates().and_then(|c| c.split_first())
                 {
@@ -774,6 +786,10 @@ impl Conn {
         let Some(p) = self.pending.take() else {
             return;
         };
+        crate::metrics::request(&self.log.api, status);
+        if let Some(d) = p.upstream {
+            crate::metrics::backend_duration(d);
+        }
         crate::log::request(&crate::log::Entry {
             id: p.id.as_str(),
             peer: self.peer,
@@ -914,6 +930,7 @@ impl Conn {
                 retry_after,
                 headers,
             } => {
+                crate::metrics::throttled(&view.api.name);
                 let (whose, tier) = match wants[by].0.kind {
                     Kind::Caller => (
                         "the caller's",
@@ -1481,6 +1498,22 @@ fn rfc9440(
     let chain =
         (!chain.is_empty()).then(|| chain.iter().map(|c| item(c)).collect::<Vec<_>>().join(", "));
     (item(leaf), chain)
+}
+
+/// A handshake failure's label in `certgate_tls_handshake_failures_total`.
+fn handshake_failure_reason(e: &rustls::Error) -> &'static str {
+    match e {
+        rustls::Error::AlertReceived(_) => "alert-received",
+        rustls::Error::PeerIncompatible(_) => "peer-incompatible",
+        rustls::Error::NoCertificatesPresented => "no-client-certificate",
+        rustls::Error::InvalidCertificate(_) => "bad-certificate",
+        rustls::Error::PeerMisbehaved(_) => "peer-misbehaved",
+        rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. } => "bad-message",
+        rustls::Error::DecryptError => "decrypt-error",
+        _ => "other",
+    }
 }
 
 /// The `RateLimit-*` lines of a throttled request, on the gateway's own answer to it.

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //!
+//! - [`admin`]: the admin endpoint (`/healthz`, `/metrics`), plain HTTP in the same loop.
 //! - [`buf`]: the buffer connections read into, zeroed once rather than before every read.
+//! - [`metrics`]: the counters and their Prometheus text exposition.
 //! - [`model`]: the configuration as plain values (APIs, resources, certificate entries, tiers)
 //!   and the parsing of user-facing strings such as backend URLs and path templates.
 //! - [`store`]: the SQLite file; the only module that touches rusqlite.
@@ -25,6 +27,7 @@
 //!
 //! `ARCHITECTURE.md` traces a request's life through these modules.
 
+pub mod admin;
 pub mod buf;
 pub mod certs;
 pub mod check;
@@ -33,6 +36,7 @@ pub mod conn;
 pub mod echo;
 pub mod http;
 pub mod log;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod pool;

@@ -25,8 +25,10 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use thiserror::Error;
 
+use crate::admin::{self, Admin};
 use crate::conn::{Conn, Context, Limits, Readiness, RequestIds};
 use crate::echo::Echo;
+use crate::metrics;
 use crate::model::{Config, ECHO_BACKEND};
 use crate::pool::{self, Owner, Pool, Use};
 use crate::snapshot::Snapshot;
@@ -41,6 +43,8 @@ const LISTENERS: usize = usize::MAX - 1;
 /// The echo service's listener; its connections follow. Client and backend tokens stay far
 /// below, since the slabs they index are bounded by `max_connections`.
 const ECHO: usize = usize::MAX / 2;
+/// The admin endpoint's listener; its connections follow.
+const ADMIN: usize = usize::MAX / 4;
 /// How often the store is asked whether it changed (SPEC 5 allows 2 s).
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 /// How often deadlines are checked.
@@ -58,6 +62,8 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     pub max_connections: usize,
     pub limits: Limits,
+    /// Where `/healthz` and `/metrics` are served, plain HTTP.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Default for ServeOptions {
@@ -68,6 +74,7 @@ impl Default for ServeOptions {
             drain_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             limits: Limits::default(),
+            admin: None,
         }
     }
 }
@@ -150,6 +157,16 @@ pub fn run(
     for listener in &listeners {
         eprintln!("listening on {}", listener.local_addr()?);
     }
+    let admin = match options.admin {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|source| ServeError::Listen { addr, source })?;
+            let admin = Admin::start(listener, poll.registry(), ADMIN)?;
+            eprintln!("admin endpoint on http://{}", admin.local_addr()?);
+            Some(admin)
+        }
+        None => None,
+    };
     let notifier = Notifier::from_env();
     notifier.notify(&format!(
         "READY=1\nSTATUS=serving {} APIs",
@@ -179,6 +196,7 @@ pub fn run(
         accept_paused: false,
         notifier,
         watchdog: systemd::watchdog_interval(),
+        admin,
     };
     server.run()
 }
@@ -213,6 +231,7 @@ struct Server {
     notifier: Notifier,
     /// How often systemd's watchdog wants to hear from the loop.
     watchdog: Option<Duration>,
+    admin: Option<Admin>,
 }
 
 impl Server {
@@ -247,6 +266,7 @@ impl Server {
                     Token(t) if t > LISTENERS - self.listeners.len() && t <= LISTENERS => {
                         self.accept(LISTENERS - t);
                     }
+                    Token(t) if (ADMIN..ECHO).contains(&t) => self.on_admin(event.token()),
                     Token(t) if t >= ECHO => {
                         if let Some(echo) = &mut self.echo {
                             echo.ready(
@@ -366,6 +386,39 @@ impl Server {
         }
     }
 
+    /// Serves an event of the admin endpoint: `/healthz` and `/metrics`.
+    fn on_admin(&mut self, token: Token) {
+        let Some(admin) = &mut self.admin else {
+            return;
+        };
+        let draining = self.drain_deadline.is_some();
+        let open = self.conns.len();
+        let snapshot = &self.snapshot;
+        let answer = |path: &str| match path {
+            "/healthz" if draining => admin::plain(503, "draining\n"),
+            "/healthz" => admin::plain(200, "ok\n"),
+            "/metrics" => {
+                let now = unix_now();
+                let days: Vec<(String, i64)> = snapshot
+                    .apis
+                    .iter()
+                    .flat_map(|v| &v.certs)
+                    .map(|c| (c.alias.clone(), crate::certs::days_left(c.not_after, now)))
+                    .collect();
+                admin::Answer {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: metrics::render(&metrics::Gauges {
+                        open_connections: open,
+                        certificate_days_left: &days,
+                    }),
+                }
+            }
+            _ => admin::plain(404, "not found; try /healthz or /metrics\n"),
+        };
+        admin.ready(token, self.poll.registry(), &answer);
+    }
+
     /// Handles pending signals; true when a reload was asked for.
     fn on_signals(&mut self) -> bool {
         let mut reload = false;
@@ -460,6 +513,7 @@ impl Server {
             Err(e) => {
                 // Busy or broken: try again on the next tick.
                 eprintln!("reload: keeping the current configuration: {e}");
+                metrics::reload(false);
                 return;
             }
         };
@@ -488,6 +542,7 @@ impl Server {
                 );
                 self.snapshot = snapshot;
                 self.data_version = version;
+                metrics::reload(true);
                 let now = self.clock.now(unix_nanos());
                 let snapshot = &self.snapshot;
                 self.buckets
@@ -496,6 +551,7 @@ impl Server {
             Err(e) => {
                 eprintln!("reload: keeping the current configuration: {e}");
                 self.data_version = version;
+                metrics::reload(false);
             }
         }
     }

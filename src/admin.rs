@@ -1,0 +1,168 @@
+//! The admin endpoint, `serve --admin ADDR` (SPEC 2 and 7): plain HTTP, meant for loopback,
+//! served by the gateway's own loop. `GET /healthz` is 200 while serving and 503 while
+//! draining; `GET /metrics` is the Prometheus text exposition of [`crate::metrics`]. Each
+//! connection gets one answer and is closed, as a scraper expects nothing more.
+//!
+//! This module owns the listener and its connections; what the answers say is the loop's
+//! ([`crate::server`]), through the `answer` function it passes in.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+/// The most an admin request head may be.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// An answer of the endpoint.
+pub struct Answer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+pub struct Admin {
+    listener: TcpListener,
+    conns: Slab<AdminConn>,
+    base: usize,
+}
+
+struct AdminConn {
+    sock: TcpStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// The answer is in `output`: write it, then close.
+    answered: bool,
+}
+
+impl Admin {
+    /// Listens on `addr`; the listener has `Token(base)`, connection `i` `Token(base + 1 + i)`.
+    pub fn start(
+        listener: std::net::TcpListener,
+        registry: &Registry,
+        base: usize,
+    ) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        registry.register(&mut listener, Token(base), Interest::READABLE)?;
+        Ok(Self {
+            listener,
+            conns: Slab::new(),
+            base,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Handles an event for one of the endpoint's tokens; `answer` maps a request path to
+    /// its answer.
+    pub fn ready(&mut self, token: Token, registry: &Registry, answer: &dyn Fn(&str) -> Answer) {
+        if token.0 == self.base {
+            self.accept(registry);
+            return;
+        }
+        let key = token.0 - self.base - 1;
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !conn.pump(answer) {
+            // As for the echo service: a later event of this batch for the token can only
+            // wake a new connection under it for nothing.
+            let mut conn = self.conns.remove(key);
+            let _ = registry.deregister(&mut conn.sock);
+        }
+    }
+
+    fn accept(&mut self, registry: &Registry) {
+        loop {
+            let mut sock = match self.listener.accept() {
+                Ok((sock, _)) => sock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let entry = self.conns.vacant_entry();
+            let token = Token(self.base + 1 + entry.key());
+            if registry
+                .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+                .is_err()
+            {
+                continue;
+            }
+            entry.insert(AdminConn {
+                sock,
+                input: Vec::new(),
+                output: Vec::new(),
+                answered: false,
+            });
+        }
+    }
+}
+
+impl AdminConn {
+    /// Reads the request, answers, writes; false once the connection is done.
+    fn pump(&mut self, answer: &dyn Fn(&str) -> Answer) -> bool {
+        if !self.answered {
+            let mut buf = [0u8; 4096];
+            loop {
+                match self.sock.read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(n) => self.input.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return false,
+                }
+                if self.input.len() > MAX_HEAD {
+                    break;
+                }
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut request = httparse::Request::new(&mut headers);
+            let reply = match request.parse(&self.input) {
+                Ok(httparse::Status::Complete(_)) => match (request.method, request.path) {
+                    (Some("GET" | "HEAD"), Some(path)) => answer(path),
+                    _ => plain(405, "only GET\n"),
+                },
+                Ok(httparse::Status::Partial) if self.input.len() <= MAX_HEAD => return true,
+                _ => plain(400, "bad request\n"),
+            };
+            let head_only = request.method == Some("HEAD");
+            let _ = write!(
+                self.output,
+                "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                reply.status,
+                crate::http::reason_phrase(reply.status),
+                reply.content_type,
+                reply.body.len()
+            );
+            if !head_only {
+                self.output.extend_from_slice(reply.body.as_bytes());
+            }
+            self.answered = true;
+        }
+        while !self.output.is_empty() {
+            match self.sock.write(&self.output) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.output.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+/// A plain-text answer.
+pub fn plain(status: u16, body: &str) -> Answer {
+    Answer {
+        status,
+        content_type: "text/plain; charset=utf-8",
+        body: body.to_owned(),
+    }
+}
