@@ -197,3 +197,56 @@ fn the_unit_files_pass_systemd_analyze() {
         .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
     assert!(level <= 2.0, "exposure level {level}:\n{text}");
 }
+
+#[test]
+fn the_install_script_places_binary_units_and_a_database() {
+    let root = tempfile::tempdir().unwrap();
+    let script = format!("{}/systemd/install.sh", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["--binary", common::BIN, "--root"])
+        .arg(root.path())
+        .args(["--hostname", "gw.example"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = |p: &str| root.path().join(p);
+    for file in [
+        "usr/local/bin/certgate",
+        "etc/systemd/system/certgate.service",
+        "etc/systemd/system/certgate.socket",
+        "var/lib/certgate/certgate.db",
+    ] {
+        assert!(path(file).exists(), "{file} not installed");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path("var/lib/certgate"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    // The database passes the unit's start-up check, and a second install keeps it.
+    let check = Command::new(path("usr/local/bin/certgate"))
+        .arg("--db")
+        .arg(path("var/lib/certgate/certgate.db"))
+        .args(["check", "--store-only"])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let before = std::fs::read(path("var/lib/certgate/certgate.db")).unwrap();
+    let again = Command::new("bash")
+        .arg(&script)
+        .args(["--binary", common::BIN, "--root"])
+        .arg(root.path())
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(
+        std::fs::read(path("var/lib/certgate/certgate.db")).unwrap(),
+        before
+    );
+}
