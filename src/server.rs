@@ -197,6 +197,8 @@ pub fn run(
         notifier,
         watchdog: systemd::watchdog_interval(),
         admin,
+        persist_failing: false,
+        reload_failing: false,
     };
     server.run()
 }
@@ -232,6 +234,10 @@ struct Server {
     /// How often systemd's watchdog wants to hear from the loop.
     watchdog: Option<Duration>,
     admin: Option<Admin>,
+    /// Saving throttling state failed at the last try (said once, until it works again).
+    persist_failing: bool,
+    /// Reading the store for a reload failed at the last try (said once, until it works).
+    reload_failing: bool,
 }
 
 impl Server {
@@ -501,7 +507,10 @@ impl Server {
         let version = match self.store.data_version() {
             Ok(v) => v,
             Err(e) => {
-                eprintln!("reload: cannot read the store: {e}");
+                // Said once (and at every SIGHUP) until the store can be read again.
+                if !mem::replace(&mut self.reload_failing, true) || forced {
+                    eprintln!("reload: cannot read the store, serving on as configured: {e}");
+                }
                 return;
             }
         };
@@ -511,12 +520,17 @@ impl Server {
         let config = match self.store.load_config() {
             Ok(config) => config,
             Err(e) => {
-                // Busy or broken: try again on the next tick.
-                eprintln!("reload: keeping the current configuration: {e}");
+                // Busy or broken: try again on the next tick, saying so once.
+                if !mem::replace(&mut self.reload_failing, true) || forced {
+                    eprintln!("reload: keeping the current configuration: {e}");
+                }
                 metrics::reload(false);
                 return;
             }
         };
+        if mem::take(&mut self.reload_failing) {
+            eprintln!("reload: the store can be read again");
+        }
         if let Err(e) = start_echo(
             &mut self.echo,
             &config,
@@ -573,9 +587,17 @@ impl Server {
         }
         let counts = self.counters.take();
         match self.store.save_throttling(&batch, &counts, now) {
-            Ok(()) => self.buckets.mark_saved(&batch),
+            Ok(()) => {
+                self.buckets.mark_saved(&batch);
+                if mem::take(&mut self.persist_failing) {
+                    eprintln!("throttling: buckets and counts are saved again");
+                }
+            }
             Err(e) => {
-                eprintln!("throttling: cannot save buckets and counts now: {e}");
+                // Said once; tried again every second until it works.
+                if !mem::replace(&mut self.persist_failing, true) || last {
+                    eprintln!("throttling: cannot save buckets and counts: {e}; trying again every second");
+                }
                 self.counters.restore(counts);
             }
         }
