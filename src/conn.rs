@@ -292,6 +292,8 @@ enum Wait {
 }
 
 pub struct Conn {
+    /// Its number for the logs: one per connection since start, never reused.
+    id: u64,
     sock: TcpStream,
     tls: ServerConnection,
     peer: SocketAddr,
@@ -337,10 +339,11 @@ impl Conn {
         sock: TcpStream,
         tls: ServerConnection,
         peer: SocketAddr,
-        key: usize,
+        (key, id): (usize, u64),
         deadline: Instant,
     ) -> Self {
         Self {
+            id,
             sock,
             tls,
             peer,
@@ -497,7 +500,7 @@ impl Conn {
                 // A client that takes no part of its answer is given up on.
                 Wait::ClientRead => {}
             },
-            Phase::Handshaking => crate::metrics::handshake_failure("timeout"),
+            Phase::Handshaking => self.handshake_failed("timeout"),
             _ => {}
         }
         self.pump(cx)
@@ -552,7 +555,7 @@ impl Conn {
                     progress = true;
                     if let Err(e) = self.tls.process_new_packets() {
                         if self.tls.is_handshaking() {
-                            crate::metrics::handshake_failure(handshake_failure_reason(&e));
+                            self.handshake_failed(handshake_failure_reason(&e));
                         }
                         // rustls queued an alert; send it and go.
                         let _ = self.tls.write_tls(&mut self.sock);
@@ -613,7 +616,7 @@ impl Conn {
                         } else {
                             "closed-by-client"
                         };
-                        crate::metrics::handshake_failure(reason);
+                        self.handshake_failed(reason);
                         self.phase = Phase::Closed;
                         return true;
                     }
@@ -739,6 +742,12 @@ impl Conn {
         true
     }
 
+    /// Counts and tells a handshake that did not complete.
+    fn handshake_failed(&self, reason: &'static str) {
+        crate::metrics::handshake_failure(reason);
+        crate::log::event("tls handshake failed", self.id, self.peer, reason);
+    }
+
     /// Starts the log line of the request just parsed.
     fn begin_log(&mut self, id: RequestId, now: Instant) {
         let input = &self.input;
@@ -791,6 +800,7 @@ impl Conn {
             crate::metrics::backend_duration(d);
         }
         crate::log::request(&crate::log::Entry {
+            conn: self.id,
             id: p.id.as_str(),
             peer: self.peer,
             api: &self.log.api,

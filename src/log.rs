@@ -42,6 +42,8 @@ impl FromStr for LogFormat {
 /// One request, as the access log tells it.
 #[derive(Clone, Copy, Debug)]
 pub struct Entry<'a> {
+    /// The connection's number, as in the other lines about it.
+    pub conn: u64,
     pub id: &'a str,
     pub peer: SocketAddr,
     /// The API, or `-` when none matched.
@@ -86,6 +88,40 @@ pub fn request(entry: &Entry<'_>) {
     });
 }
 
+/// Writes one line about a connection that is not a request (a failed handshake, say), in
+/// the access log's format: `msg`, the connection's number, its peer, and a short `reason`.
+pub fn event(msg: &str, conn: u64, peer: SocketAddr, reason: &str) {
+    let format = FORMAT.get().copied().unwrap_or(LogFormat::Off);
+    if format == LogFormat::Off {
+        return;
+    }
+    LINE.with_borrow_mut(|line| {
+        line.clear();
+        let time = OffsetDateTime::from(SystemTime::now());
+        match format {
+            LogFormat::Json => {
+                line.extend_from_slice(b"{\"time\":\"");
+                let _ = time.format_into(line, &Rfc3339);
+                line.extend_from_slice(b"\",\"msg\":");
+                json_string(msg, line);
+                let _ = write!(line, ",\"conn\":{conn},\"peer\":\"{peer}\",\"reason\":");
+                json_string(reason, line);
+                line.extend_from_slice(b"}\n");
+            }
+            _ => {
+                line.extend_from_slice(b"time=");
+                let _ = time.format_into(line, &Rfc3339);
+                line.extend_from_slice(b" msg=");
+                logfmt_value(msg, line);
+                let _ = write!(line, " conn={conn} peer={peer} reason=");
+                logfmt_value(reason, line);
+                line.push(b'\n');
+            }
+        }
+        let _ = std::io::stderr().lock().write_all(line);
+    });
+}
+
 /// Appends `entry`'s line, newline included, to `out`.
 pub fn format_entry(format: LogFormat, entry: &Entry<'_>, now: SystemTime, out: &mut Vec<u8>) {
     let time = OffsetDateTime::from(now);
@@ -95,7 +131,11 @@ pub fn format_entry(format: LogFormat, entry: &Entry<'_>, now: SystemTime, out: 
         LogFormat::Logfmt => {
             out.extend_from_slice(b"time=");
             let _ = time.format_into(out, &Rfc3339);
-            let _ = write!(out, " msg=request id={} peer={}", entry.id, entry.peer);
+            let _ = write!(
+                out,
+                " msg=request conn={} id={} peer={}",
+                entry.conn, entry.id, entry.peer
+            );
             out.extend_from_slice(b" api=");
             logfmt_value(entry.api, out);
             out.extend_from_slice(b" caller=");
@@ -124,8 +164,8 @@ pub fn format_entry(format: LogFormat, entry: &Entry<'_>, now: SystemTime, out: 
             let _ = time.format_into(out, &Rfc3339);
             let _ = write!(
                 out,
-                "\",\"msg\":\"request\",\"id\":\"{}\",\"peer\":\"{}\"",
-                entry.id, entry.peer
+                "\",\"msg\":\"request\",\"conn\":{},\"id\":\"{}\",\"peer\":\"{}\"",
+                entry.conn, entry.id, entry.peer
             );
             for (name, value) in [
                 ("api", entry.api),
@@ -192,6 +232,7 @@ mod tests {
 
     fn entry() -> Entry<'static> {
         Entry {
+            conn: 7,
             id: "abc1",
             peer: "127.0.0.1:5000".parse().unwrap(),
             api: "pizzashack",
@@ -212,7 +253,7 @@ mod tests {
         format_entry(LogFormat::Logfmt, &entry(), at, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "time=2025-06-15T15:06:40Z msg=request id=abc1 peer=127.0.0.1:5000 api=pizzashack \
+            "time=2025-06-15T15:06:40Z msg=request conn=7 id=abc1 peer=127.0.0.1:5000 api=pizzashack \
              caller=a-pizza method=GET path=\"/pizzashack/1.0.0/menu?q=\\\"x\\\"\" status=200 \
              bytes=42 duration_ms=1.500 upstream_ms=1.000\n"
         );

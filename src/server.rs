@@ -199,6 +199,7 @@ pub fn run(
         admin,
         persist_failing: false,
         reload_failing: false,
+        conn_ids: 0,
     };
     server.run()
 }
@@ -238,6 +239,8 @@ struct Server {
     persist_failing: bool,
     /// Reading the store for a reload failed at the last try (said once, until it works).
     reload_failing: bool,
+    /// Connections accepted since start: the last one's number in the logs.
+    conn_ids: u64,
 }
 
 impl Server {
@@ -487,7 +490,8 @@ impl Server {
                 continue;
             }
             let deadline = Instant::now() + self.options.limits.handshake_timeout;
-            entry.insert(Conn::new(sock, tls, peer, key, deadline));
+            self.conn_ids += 1;
+            entry.insert(Conn::new(sock, tls, peer, (key, self.conn_ids), deadline));
         }
     }
 

@@ -111,3 +111,25 @@ fn the_log_can_be_off_and_a_bad_format_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not one of logfmt, json, off"));
 }
+
+#[test]
+fn a_failed_handshake_is_told_with_its_connection_and_peer() {
+    let backend = Backend::start();
+    let gw = Gateway::pizzashack(&backend, &[]);
+    let mut sock = std::net::TcpStream::connect(gw.addr()).unwrap();
+    std::io::Write::write_all(&mut sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    gw.wait_for_log("tls handshake failed", 0);
+    let text = gw.log_text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("tls handshake failed"))
+        .unwrap();
+    assert!(line.contains(" conn=1 "), "{line}");
+    assert_eq!(field(line, "peer"), sock.local_addr().unwrap().to_string());
+    assert_eq!(field(line, "reason"), "bad-message");
+    // The next connection has the next number, in its request lines too.
+    assert_eq!(gw.client(Some("client-a")).get(MENU).status, 200);
+    gw.wait_for_log("msg=request", 0);
+    let lines = request_lines(&gw);
+    assert_eq!(field(&lines[0], "conn"), "2");
+}

@@ -228,3 +228,47 @@ fn a_database_that_turns_corrupt_leaves_the_last_good_configuration_serving() {
     assert_eq!(check.status.code(), Some(2), "{check:?}");
     assert!(String::from_utf8_lossy(&check.stderr).contains("unusable"));
 }
+
+#[test]
+fn kill_9_loses_no_committed_change_and_at_most_a_second_of_throttling() {
+    let backend = Backend::start();
+    let gw = Gateway::start(|db| {
+        db.api_add("pizzashack", "/pizzashack", Some("1.0.0"), &backend.url());
+        db.cert_add("pizzashack", "a-pizza", "client-a");
+        db.cli(&["tier", "add", "Daily", "--requests", "5", "--per", "day"]);
+        db.cli(&["cert", "update", "a-pizza", "--tier", "Daily"]);
+    });
+    let mut client = gw.client(Some("client-a"));
+    for _ in 0..3 {
+        assert_eq!(client.get(MENU).status, 200);
+    }
+    gw.db().cert_add("pizzashack", "b-pizza", "client-b");
+    // Saved within a second (the counts and the buckets go in one transaction).
+    common::eventually("the gateway saved its throttling state", || {
+        let out = gw.db().cli(&["status", "--json"]);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (rows[0]["allowed"].as_u64() == Some(3)).then_some(())
+    });
+    let status = Command::new("kill")
+        .args(["-KILL", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut gw = gw;
+    assert!(!gw.wait_exit(common::EVENTUALLY).success());
+    let db = gw.into_db();
+    let gw = db.serve();
+    let mut client = gw.client(Some("client-a"));
+    let response = client.get(MENU);
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        response.header("ratelimit-remaining"),
+        Some("1"),
+        "3 of 5 were used before"
+    );
+    assert_eq!(
+        gw.client(Some("client-b")).get(MENU).status,
+        200,
+        "the entry added is there"
+    );
+}

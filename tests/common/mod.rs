@@ -475,6 +475,12 @@ impl Gateway {
         self.db.take().expect("the gateway's database")
     }
 
+    /// The database of a gateway that has exited (see [`Gateway::wait_exit`]), to serve it again.
+    pub fn into_db(mut self) -> Db {
+        assert!(self.exit.is_some(), "the gateway is still running");
+        self.db.take().expect("the gateway's database")
+    }
+
     /// Panics if the gateway process has exited.
     pub fn assert_running(&mut self) {
         if let Some(status) = self.exit {
