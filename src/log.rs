@@ -122,6 +122,31 @@ pub fn event(msg: &str, conn: u64, peer: SocketAddr, reason: &str) {
     });
 }
 
+/// Writes an operational line (a reload, a drain, a store failure) in the log's format: as
+/// `msg` of a logfmt line, or of a JSON object. Written whatever the access log's setting.
+pub fn notice(msg: std::fmt::Arguments<'_>) {
+    let json = FORMAT.get() == Some(&LogFormat::Json);
+    let text = msg.to_string();
+    LINE.with_borrow_mut(|line| {
+        line.clear();
+        let time = OffsetDateTime::from(SystemTime::now());
+        if json {
+            line.extend_from_slice(b"{\"time\":\"");
+            let _ = time.format_into(line, &Rfc3339);
+            line.extend_from_slice(b"\",\"msg\":");
+            json_string(&text, line);
+            line.extend_from_slice(b"}\n");
+        } else {
+            line.extend_from_slice(b"time=");
+            let _ = time.format_into(line, &Rfc3339);
+            line.extend_from_slice(b" msg=");
+            logfmt_value(&text, line);
+            line.push(b'\n');
+        }
+        let _ = std::io::stderr().lock().write_all(line);
+    });
+}
+
 /// Appends `entry`'s line, newline included, to `out`.
 pub fn format_entry(format: LogFormat, entry: &Entry<'_>, now: SystemTime, out: &mut Vec<u8>) {
     let time = OffsetDateTime::from(now);

@@ -127,14 +127,18 @@ pub fn run(
     )?;
     let mut clock = Monotonic::default();
     let mut buckets = store.load_buckets().unwrap_or_else(|e| {
-        eprintln!("throttling: cannot read the saved buckets, starting with full ones: {e}");
+        crate::log::notice(format_args!(
+            "throttling: cannot read the saved buckets, starting with full ones: {e}"
+        ));
         Buckets::default()
     });
     buckets.retain(clock.now(unix_nanos()), |key| {
         snapshot.has_bucket_owner(key)
     });
     if let Err(e) = store.start_run(unix_now()) {
-        eprintln!("status: cannot reset the counts of this run: {e}");
+        crate::log::notice(format_args!(
+            "status: cannot reset the counts of this run: {e}"
+        ));
     }
     store.set_nonblocking()?;
     let data_version = store.data_version()?;
@@ -347,15 +351,15 @@ impl Server {
             if let Some(deadline) = self.drain_deadline {
                 if self.conns.is_empty() {
                     self.persist(true);
-                    eprintln!("drained; exiting");
+                    crate::log::notice(format_args!("drained; exiting"));
                     return Ok(());
                 }
                 if now >= deadline {
                     self.persist(true);
-                    eprintln!(
+                    crate::log::notice(format_args!(
                         "drain deadline passed; closing {} connections",
                         self.conns.len()
-                    );
+                    ));
                     return Ok(());
                 }
             }
@@ -441,10 +445,10 @@ impl Server {
         if stop && self.drain_deadline.is_none() {
             self.notifier
                 .notify("STOPPING=1\nSTATUS=draining: finishing requests in flight");
-            eprintln!(
+            crate::log::notice(format_args!(
                 "stopping: no new connections; draining {} connections",
                 self.conns.len()
-            );
+            ));
             for mut listener in self.listeners.drain(..) {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
@@ -470,7 +474,7 @@ impl Server {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and the like: the connection waits in the backlog.
-                    eprintln!("accept failed: {e}");
+                    crate::log::notice(format_args!("accept failed: {e}"));
                     self.accept_failed = true;
                     return;
                 }
@@ -513,7 +517,9 @@ impl Server {
             Err(e) => {
                 // Said once (and at every SIGHUP) until the store can be read again.
                 if !mem::replace(&mut self.reload_failing, true) || forced {
-                    eprintln!("reload: cannot read the store, serving on as configured: {e}");
+                    crate::log::notice(format_args!(
+                        "reload: cannot read the store, serving on as configured: {e}"
+                    ));
                 }
                 return;
             }
@@ -526,14 +532,16 @@ impl Server {
             Err(e) => {
                 // Busy or broken: try again on the next tick, saying so once.
                 if !mem::replace(&mut self.reload_failing, true) || forced {
-                    eprintln!("reload: keeping the current configuration: {e}");
+                    crate::log::notice(format_args!(
+                        "reload: keeping the current configuration: {e}"
+                    ));
                 }
                 metrics::reload(false);
                 return;
             }
         };
         if mem::take(&mut self.reload_failing) {
-            eprintln!("reload: the store can be read again");
+            crate::log::notice(format_args!("reload: the store can be read again"));
         }
         if let Err(e) = start_echo(
             &mut self.echo,
@@ -541,7 +549,9 @@ impl Server {
             self.poll.registry(),
             &mut self.resolved,
         ) {
-            eprintln!("reload: cannot start the built-in echo backend: {e}");
+            crate::log::notice(format_args!(
+                "reload: cannot start the built-in echo backend: {e}"
+            ));
         }
         let generation = self.snapshot.generation + 1;
         match Snapshot::build(
@@ -554,10 +564,10 @@ impl Server {
         ) {
             Ok(snapshot) => {
                 let certs: usize = snapshot.apis.iter().map(|a| a.certs.len()).sum();
-                eprintln!(
+                crate::log::notice(format_args!(
                     "configuration reloaded: generation {generation}, {} APIs, {certs} certificates",
                     snapshot.apis.len()
-                );
+                ));
                 self.snapshot = snapshot;
                 self.data_version = version;
                 metrics::reload(true);
@@ -567,7 +577,9 @@ impl Server {
                     .retain(now, |key| snapshot.has_bucket_owner(key));
             }
             Err(e) => {
-                eprintln!("reload: keeping the current configuration: {e}");
+                crate::log::notice(format_args!(
+                    "reload: keeping the current configuration: {e}"
+                ));
                 self.data_version = version;
                 metrics::reload(false);
             }
@@ -594,13 +606,15 @@ impl Server {
             Ok(()) => {
                 self.buckets.mark_saved(&batch);
                 if mem::take(&mut self.persist_failing) {
-                    eprintln!("throttling: buckets and counts are saved again");
+                    crate::log::notice(format_args!(
+                        "throttling: buckets and counts are saved again"
+                    ));
                 }
             }
             Err(e) => {
                 // Said once; tried again every second until it works.
                 if !mem::replace(&mut self.persist_failing, true) || last {
-                    eprintln!("throttling: cannot save buckets and counts: {e}; trying again every second");
+                    crate::log::notice(format_args!("throttling: cannot save buckets and counts: {e}; trying again every second"));
                 }
                 self.counters.restore(counts);
             }
@@ -678,10 +692,10 @@ fn resolve_backends(config: &Config) -> HashMap<String, Vec<SocketAddr>> {
             Ok(()) => {
                 resolved.insert(backend.authority.clone(), backend.addrs);
             }
-            Err(e) => eprintln!(
+            Err(e) => crate::log::notice(format_args!(
                 "API {}: {e}; using the addresses stored at api add",
                 api.name
-            ),
+            )),
         }
     }
     resolved

@@ -41,7 +41,7 @@ impl Notifier {
             return;
         };
         if let Err(e) = sock.send_to_addr(state.as_bytes(), addr) {
-            eprintln!("systemd: cannot notify {state:?}: {e}");
+            crate::log::notice(format_args!("systemd: cannot notify {state:?}: {e}"));
         }
     }
 

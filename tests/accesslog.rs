@@ -99,6 +99,16 @@ fn json_lines_parse_and_a_dead_backend_is_logged_as_its_502() {
     assert_eq!(line["path"], MENU);
     assert!(line["upstream_ms"].as_f64().is_some(), "{line}");
     assert!(line["time"].as_str().unwrap().ends_with('Z'));
+    // The gateway's other lines are JSON too, but for the `listening on` announcements.
+    gw.signal("HUP");
+    gw.wait_for_log("configuration reloaded", 0);
+    for line in gw.log_text().lines() {
+        if line.starts_with("listening on ") {
+            continue;
+        }
+        let parsed: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(parsed["msg"].is_string(), "{line}");
+    }
 }
 
 #[test]
