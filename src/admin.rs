@@ -78,27 +78,18 @@ impl Admin {
     }
 
     fn accept(&mut self, registry: &Registry) {
-        loop {
-            let mut sock = match self.listener.accept() {
-                Ok((sock, _)) => sock,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            let entry = self.conns.vacant_entry();
-            let token = Token(self.base + 1 + entry.key());
-            if registry
-                .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
-                .is_err()
-            {
-                continue;
-            }
-            entry.insert(AdminConn {
+        crate::echo::accept_all(
+            &self.listener,
+            &mut self.conns,
+            self.base,
+            registry,
+            |sock| AdminConn {
                 sock,
                 input: Vec::new(),
                 output: Vec::new(),
                 answered: false,
-            });
-        }
+            },
+        );
     }
 }
 

@@ -98,30 +98,49 @@ impl Echo {
     }
 
     fn accept(&mut self, registry: &Registry) {
-        loop {
-            let mut sock = match self.listener.accept() {
-                Ok((sock, _)) => sock,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // WouldBlock, or EMFILE and the like: the gateway's connect times out.
-                Err(_) => return,
-            };
-            let entry = self.conns.vacant_entry();
-            let token = Token(self.base + 1 + entry.key());
-            if registry
-                .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
-                .is_err()
-            {
-                continue;
-            }
-            entry.insert(EchoConn {
+        accept_all(
+            &self.listener,
+            &mut self.conns,
+            self.base,
+            registry,
+            |sock| EchoConn {
                 sock,
                 input: Vec::new(),
                 output: Vec::new(),
                 head: RequestHead::default(),
                 readable: true,
                 phase: Phase::Head,
-            });
+            },
+        );
+    }
+}
+
+/// Accepts every waiting connection of `listener` into `conns`, connection `i` registered
+/// under `Token(base + 1 + i)`; made into a connection by `make`. Shared with the admin
+/// endpoint: a failed accept (EMFILE and the like) leaves the rest waiting, whose clients time
+/// out.
+pub(crate) fn accept_all<T>(
+    listener: &TcpListener,
+    conns: &mut Slab<T>,
+    base: usize,
+    registry: &Registry,
+    make: impl Fn(TcpStream) -> T,
+) {
+    loop {
+        let mut sock = match listener.accept() {
+            Ok((sock, _)) => sock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let entry = conns.vacant_entry();
+        let token = Token(base + 1 + entry.key());
+        if registry
+            .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            continue;
         }
+        entry.insert(make(sock));
     }
 }
 

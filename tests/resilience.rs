@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::{fixture, Backend, Client, Gateway};
+use common::{Backend, Client, Gateway};
 
 const MENU: &str = "/pizzashack/1.0.0/menu";
 
@@ -80,16 +80,7 @@ fn changes_and_reloads_under_load_fail_no_request() {
 fn a_backup_taken_while_serving_is_whole() {
     let backend = Backend::start();
     let gw = Gateway::pizzashack(&backend, &[]);
-    gw.db().cli(&[
-        "cert",
-        "add",
-        "--api",
-        "pizzashack",
-        "--alias",
-        "test-ca",
-        "--ca",
-        fixture("ca.pem").to_str().unwrap(),
-    ]);
+    gw.db().ca_add("pizzashack", "test-ca", "ca");
     let mut client = gw.client(Some("client-a"));
     assert_eq!(client.get(MENU).status, 200);
     let copy = gw.db().dir().join("copy.db");

@@ -17,16 +17,7 @@ fn gateway(backend: &Backend) -> Gateway {
     Gateway::start(|db| {
         db.api_add("pizzashack", "/pizzashack", Some("1.0.0"), &backend.url());
         db.cert_add("pizzashack", "a-pizza", "client-a");
-        db.cli(&[
-            "cert",
-            "add",
-            "--api",
-            "pizzashack",
-            "--alias",
-            "test-ca",
-            "--ca",
-            fixture("ca.pem").to_str().unwrap(),
-        ]);
+        db.ca_add("pizzashack", "test-ca", "ca");
     })
 }
 

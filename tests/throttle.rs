@@ -311,16 +311,7 @@ fn status_counts_allowed_and_throttled_per_caller_in_the_run_and_in_all() {
     let db = db_with_five(&backend);
     db.cert_add("pizzashack", "a-pizza", "client-a");
     set_tier(&db, "a-pizza", "Five");
-    db.cli(&[
-        "cert",
-        "add",
-        "--api",
-        "pizzashack",
-        "--alias",
-        "test-ca",
-        "--ca",
-        fixture("ca.pem").to_str().unwrap(),
-    ]);
+    db.ca_add("pizzashack", "test-ca", "ca");
     let gw = db.serve();
     let mut client = gw.client(Some("client-a"));
     assert_eq!(until_throttled(&mut client, MENU, 10).0, 5);

@@ -217,6 +217,13 @@ impl Db {
         self.cli(&["cert", "add", "--api", api, "--alias", alias, file]);
     }
 
+    /// `cert add --api API --alias ALIAS --ca fixtures/FIXTURE.pem`: a CA entry.
+    pub fn ca_add(&self, api: &str, alias: &str, fixture_name: &str) {
+        let file = fixture(&format!("{fixture_name}.pem"));
+        let file = file.to_str().expect("fixture path is UTF-8");
+        self.cli(&["cert", "add", "--api", api, "--alias", alias, "--ca", file]);
+    }
+
     /// `cert remove ALIAS`.
     pub fn cert_remove(&self, alias: &str) {
         self.cli(&["cert", "remove", alias]);
