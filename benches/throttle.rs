@@ -82,15 +82,22 @@ fn main() {
         });
         let one = time(calls, |i| {
             let now = T0 + i * 1_000;
-            black_box(buckets.take(&[(caller_key(Kind::Caller, i % callers), gold)], now));
+            black_box(buckets.take(
+                &[
+                    Some((caller_key(Kind::Caller, i % callers), gold)),
+                    None,
+                    None,
+                ],
+                now,
+            ));
         });
         let three = time(calls, |i| {
             let now = T0 + i * 1_000;
             let c = i % callers;
             let wants = [
-                (caller_key(Kind::Caller, c), gold),
-                (caller_key(Kind::Resource, c), gold),
-                (caller_key(Kind::Api, 0), api),
+                Some((caller_key(Kind::Caller, c), gold)),
+                Some((caller_key(Kind::Resource, c), gold)),
+                Some((caller_key(Kind::Api, 0), api)),
             ];
             black_box(buckets.take(&wants, now));
         });
@@ -106,7 +113,7 @@ fn main() {
     let mut buckets = Buckets::default();
     let n = 100_000u64;
     for i in 0..n {
-        buckets.take(&[(caller_key(Kind::Caller, i), gold)], T0);
+        buckets.take(&[Some((caller_key(Kind::Caller, i), gold)), None, None], T0);
     }
     let after = LIVE.load(Ordering::Relaxed);
     println!(

@@ -26,7 +26,7 @@ use crate::policy::{self, ClientCert, Decision, Standing};
 use crate::pool::Pool;
 use crate::route::ResourceMatch;
 use crate::snapshot::Snapshot;
-use crate::throttle::{self, Buckets, CountKey, Counters, Key, Kind, Limit, Outcome, RateHeaders};
+use crate::throttle::{self, Buckets, CountKey, Counters, Key, Kind, Outcome, RateHeaders};
 
 /// How much of a body each direction holds at most, per buffer.
 const BUFFER: usize = 64 * 1024;
@@ -879,42 +879,24 @@ impl Conn {
             (None, Some(cert)) => (0, throttle::caller_key(&cert.sha256)),
             (_, None) => (0, throttle::address_key(self.peer.ip())),
         };
-        let mut wants: [(Key, Limit); 3] = [(
-            Key {
-                kind: Kind::Api,
-                scope: 0,
-                entry: 0,
-                caller,
-            },
-            Limit {
-                interval: 1,
-                burst: 1,
-            },
-        ); 3];
-        let mut n = 0;
-        let mut push = |kind: Kind, scope: u64, entry: u64, caller: u64, limit: Option<Limit>| {
-            if let Some(limit) = limit {
-                wants[n] = (
-                    Key {
-                        kind,
-                        scope,
-                        entry,
-                        caller,
-                    },
-                    limit,
-                );
-                n += 1;
-            }
+        let key = |kind, scope, entry, caller| Key {
+            kind,
+            scope,
+            entry,
+            caller,
         };
-        if let Some(e) = routed.entry {
-            push(Kind::Caller, t.key, entry_key, caller, t.entries[e].1);
-        }
-        if let Some(r) = routed.resource {
-            let (key, limit) = t.resources[r];
-            push(Kind::Resource, key, entry_key, caller, limit);
-        }
-        push(Kind::Api, t.key, 0, 0, t.limit);
-        let outcome = cx.buckets.take(&wants[..n], cx.bucket_now);
+        let wants = [
+            routed.entry.and_then(|e| {
+                let limit = t.entries[e].1?;
+                Some((key(Kind::Caller, t.key, entry_key, caller), limit))
+            }),
+            routed.resource.and_then(|r| {
+                let (scope, limit) = t.resources[r];
+                Some((key(Kind::Resource, scope, entry_key, caller), limit?))
+            }),
+            t.limit.map(|limit| (key(Kind::Api, t.key, 0, 0), limit)),
+        ];
+        let outcome = cx.buckets.take(&wants, cx.bucket_now);
         let allowed = matches!(outcome, Outcome::Allowed(_));
         let counted = if routed.entry.is_some() { caller } else { 0 };
         cx.counters.count((t.key, entry_key, counted), allowed, || {
@@ -941,7 +923,7 @@ impl Conn {
                 headers,
             } => {
                 crate::metrics::throttled(&view.api.name);
-                let (whose, tier) = match wants[by].0.kind {
+                let (whose, tier) = match by {
                     Kind::Caller => (
                         "the caller's",
                         routed.entry.map(|e| view.certs[e].tier.as_str()),

@@ -189,9 +189,9 @@ pub struct RateHeaders {
 pub enum Outcome {
     /// Allowed; headers when any bucket applied.
     Allowed(Option<RateHeaders>),
-    /// Refused by bucket `by` of those asked; `retry_after` in whole seconds (at least 1).
+    /// Refused by the bucket of kind `by`; `retry_after` in whole seconds (at least 1).
     Throttled {
-        by: usize,
+        by: Kind,
         retry_after: u64,
         headers: RateHeaders,
     },
@@ -216,12 +216,16 @@ pub struct Buckets {
 }
 
 impl Buckets {
-    /// Takes one request from each of `wants` at `now`, or from none if any is empty.
-    pub fn take(&mut self, wants: &[(Key, Limit)], now: u64) -> Outcome {
+    /// Takes one request from each bucket of `wants` (the caller's, the resource's and the
+    /// API's, those that apply) at `now`, or from none if any is empty.
+    pub fn take(&mut self, wants: &[Option<(Key, Limit)>; 3], now: u64) -> Outcome {
         let mut takes = [None; 3];
         let mut tightest: Option<(usize, Take)> = None;
         let mut refused: Option<(usize, u64)> = None;
-        for (i, (key, limit)) in wants.iter().enumerate().take(takes.len()) {
+        for (i, want) in wants.iter().enumerate() {
+            let Some((key, limit)) = want else {
+                continue;
+            };
             let full_at = match self.map.get(key) {
                 Some(b) => rescale(b.full_at, b.limit, *limit, now),
                 None => 0,
@@ -237,8 +241,9 @@ impl Buckets {
             }
             takes[i] = Some(take);
         }
+        let limit_of = |i: usize| wants[i].map_or(0, |(_, l)| l.burst);
         let headers = |i: usize, take: Take| RateHeaders {
-            limit: wants[i].1.burst,
+            limit: limit_of(i),
             remaining: take.remaining(),
             reset: whole_seconds(
                 match take {
@@ -249,17 +254,17 @@ impl Buckets {
         };
         // A refusal tells of the bucket that refused; an allowed request of the tightest.
         if let Some((by, retry_after)) = refused {
-            if let Some(take) = takes[by] {
+            if let (Some(take), Some((key, _))) = (takes[by], wants[by]) {
                 return Outcome::Throttled {
-                    by,
+                    by: key.kind,
                     retry_after: whole_seconds(retry_after, 1),
                     headers: headers(by, take),
                 };
             }
         }
         let headers = tightest.map(|(i, take)| headers(i, take));
-        for ((key, limit), take) in wants.iter().zip(takes) {
-            if let Some(Take::Allowed { full_at, .. }) = take {
+        for (want, take) in wants.iter().zip(takes) {
+            if let (Some((key, limit)), Some(Take::Allowed { full_at, .. })) = (want, take) {
                 let was_unsaved = self.map.get(key).is_some_and(|b| b.unsaved);
                 self.map.insert(
                     *key,
@@ -572,7 +577,7 @@ mod tests {
         let api = (key(Kind::Api, 1), per_minute(3, 3));
         for left in [2, 1, 0] {
             assert_eq!(
-                buckets.take(&[caller, api], T0),
+                buckets.take(&[Some(caller), None, Some(api)], T0),
                 Outcome::Allowed(Some(RateHeaders {
                     limit: 3,
                     remaining: left,
@@ -581,11 +586,11 @@ mod tests {
             );
         }
         // The API's bucket is empty: refused, and the caller's keeps its two.
-        let refused = buckets.take(&[caller, api], T0);
+        let refused = buckets.take(&[Some(caller), None, Some(api)], T0);
         assert_eq!(
             refused,
             Outcome::Throttled {
-                by: 1,
+                by: Kind::Api,
                 retry_after: 20,
                 headers: RateHeaders {
                     limit: 3,
@@ -594,12 +599,12 @@ mod tests {
                 }
             }
         );
-        let Outcome::Allowed(Some(headers)) = buckets.take(&[caller], T0) else {
+        let Outcome::Allowed(Some(headers)) = buckets.take(&[Some(caller), None, None], T0) else {
             panic!("the caller's bucket was taken from by a refused request");
         };
         assert_eq!(headers.remaining, 1);
         // No bucket: allowed without headers.
-        assert_eq!(buckets.take(&[], T0), Outcome::Allowed(None));
+        assert_eq!(buckets.take(&[None; 3], T0), Outcome::Allowed(None));
         // Full buckets go; others stay.
         buckets.retain(T0 + 30 * S, |_| true);
         assert_eq!(buckets.len(), 2);
@@ -612,7 +617,7 @@ mod tests {
         let mut buckets = Buckets::default();
         let limit = per_minute(100, 100);
         for scope in 1..=5 {
-            buckets.take(&[(key(Kind::Api, scope), limit)], T0);
+            buckets.take(&[None, None, Some((key(Kind::Api, scope), limit))], T0);
         }
         let first = buckets.unsaved(2);
         assert_eq!(
@@ -621,7 +626,7 @@ mod tests {
         );
         buckets.mark_saved(&first);
         // Bucket 1 changes again: it waits behind 3, 4 and 5.
-        buckets.take(&[(key(Kind::Api, 1), limit)], T0);
+        buckets.take(&[None, None, Some((key(Kind::Api, 1), limit))], T0);
         let next: Vec<u64> = buckets.unsaved(10).iter().map(|(k, _)| k.scope).collect();
         assert_eq!(next, [3, 4, 5, 1]);
         buckets.mark_saved(&buckets.unsaved(10));
