@@ -6,12 +6,14 @@
 //! This module owns the listener and its connections; what the answers say is the loop's
 //! ([`crate::server`]), through the `answer` function it passes in.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 use slab::Slab;
+
+use crate::{http, plain};
 
 /// The most an admin request head may be.
 const MAX_HEAD: usize = 8 * 1024;
@@ -78,7 +80,7 @@ impl Admin {
     }
 
     fn accept(&mut self, registry: &Registry) {
-        crate::echo::accept_all(
+        plain::accept_all(
             &self.listener,
             &mut self.conns,
             self.base,
@@ -115,42 +117,27 @@ impl AdminConn {
             let reply = match request.parse(&self.input) {
                 Ok(httparse::Status::Complete(_)) => match (request.method, request.path) {
                     (Some("GET" | "HEAD"), Some(path)) => answer(path),
-                    _ => plain(405, "only GET\n"),
+                    _ => text(405, "only GET\n"),
                 },
                 Ok(httparse::Status::Partial) if self.input.len() <= MAX_HEAD => return true,
-                _ => plain(400, "bad request\n"),
+                _ => text(400, "bad request\n"),
             };
             let head_only = request.method == Some("HEAD");
-            let _ = write!(
-                self.output,
-                "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                reply.status,
-                crate::http::reason_phrase(reply.status),
-                reply.content_type,
-                reply.body.len()
-            );
-            if !head_only {
-                self.output.extend_from_slice(reply.body.as_bytes());
-            }
+            let (status, content_type, body) = (reply.status, reply.content_type, reply.body);
+            let out = &mut self.output;
+            http::write_simple_answer(status, content_type, body.as_bytes(), false, head_only, out);
             self.answered = true;
         }
-        while !self.output.is_empty() {
-            match self.sock.write(&self.output) {
-                Ok(0) => return false,
-                Ok(n) => {
-                    self.output.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
+        // Once all is written, the connection is done.
+        if !plain::flush(&mut self.sock, &mut self.output) {
+            return false;
         }
-        false
+        !self.output.is_empty()
     }
 }
 
 /// A plain-text answer.
-pub fn plain(status: u16, body: &str) -> Answer {
+pub fn text(status: u16, body: &str) -> Answer {
     Answer {
         status,
         content_type: "text/plain; charset=utf-8",

@@ -12,7 +12,7 @@
 //! 16 KiB of a body shown (the rest counted), one answer pending per connection. A HEAD
 //! request gets the head of the answer a GET would get.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use mio::net::{TcpListener, TcpStream};
@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use slab::Slab;
 
 use crate::http::{self, Body, Framing, RequestHead};
+use crate::plain;
 
 const MAX_HEAD: usize = 16 * 1024;
 /// Escaped as JSON, control bytes take up to six times their size in the answer.
@@ -98,7 +99,7 @@ impl Echo {
     }
 
     fn accept(&mut self, registry: &Registry) {
-        accept_all(
+        plain::accept_all(
             &self.listener,
             &mut self.conns,
             self.base,
@@ -115,40 +116,11 @@ impl Echo {
     }
 }
 
-/// Accepts every waiting connection of `listener` into `conns`, connection `i` registered
-/// under `Token(base + 1 + i)`; made into a connection by `make`. Shared with the admin
-/// endpoint: a failed accept (EMFILE and the like) leaves the rest waiting, whose clients time
-/// out.
-pub(crate) fn accept_all<T>(
-    listener: &TcpListener,
-    conns: &mut Slab<T>,
-    base: usize,
-    registry: &Registry,
-    make: impl Fn(TcpStream) -> T,
-) {
-    loop {
-        let mut sock = match listener.accept() {
-            Ok((sock, _)) => sock,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        let entry = conns.vacant_entry();
-        let token = Token(base + 1 + entry.key());
-        if registry
-            .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
-            .is_err()
-        {
-            continue;
-        }
-        entry.insert(make(sock));
-    }
-}
-
 impl EchoConn {
     /// Moves what can be moved; false once the connection is done.
     fn pump(&mut self) -> bool {
         loop {
-            if !self.flush() {
+            if !plain::flush(&mut self.sock, &mut self.output) {
                 return false;
             }
             if !self.output.is_empty() {
@@ -176,22 +148,6 @@ impl EchoConn {
                 Err(_) => return false,
             }
         }
-    }
-
-    /// Writes pending output; false when the socket failed.
-    fn flush(&mut self) -> bool {
-        while !self.output.is_empty() {
-            match self.sock.write(&self.output) {
-                Ok(0) => return false,
-                Ok(n) => {
-                    self.output.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
-        }
-        true
     }
 
     /// Consumes input for the current phase; true when it made progress.
@@ -261,10 +217,8 @@ impl EchoConn {
         answer.insert("body_bytes".into(), Value::from(bytes));
         let mut json = serde_json::to_vec_pretty(&Value::Object(answer)).unwrap_or_default();
         json.push(b'\n');
-        self.respond(200, "application/json", &json, keep_alive);
-        if head_only {
-            self.output.truncate(self.output.len() - json.len());
-        }
+        let out = &mut self.output;
+        http::write_simple_answer(200, "application/json", &json, keep_alive, head_only, out);
         if !keep_alive {
             self.phase = Phase::Closing;
         }
@@ -272,22 +226,11 @@ impl EchoConn {
 
     fn refuse(&mut self, status: u16, detail: &str) -> bool {
         let text = format!("{detail}\n");
-        self.respond(status, "text/plain", text.as_bytes(), false);
+        let out = &mut self.output;
+        http::write_simple_answer(status, "text/plain", text.as_bytes(), false, false, out);
         self.input.clear();
         self.phase = Phase::Closing;
         true
-    }
-
-    fn respond(&mut self, status: u16, content_type: &str, body: &[u8], keep_alive: bool) {
-        let connection = if keep_alive { "keep-alive" } else { "close" };
-        let head = format!(
-            "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-             Connection: {connection}\r\n\r\n",
-            http::reason_phrase(status),
-            body.len()
-        );
-        self.output.extend_from_slice(head.as_bytes());
-        self.output.extend_from_slice(body);
     }
 }
 

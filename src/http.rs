@@ -374,6 +374,30 @@ pub fn write_client_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends a whole answer of the loop's own plain services (the echo backend, the admin
+/// endpoint): status, content type and length, `Connection`, and the body unless the request
+/// was HEAD.
+pub fn write_simple_answer(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+    head_only: bool,
+    out: &mut Vec<u8>,
+) {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let _ = write!(
+        Latin1(out),
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: {connection}\r\n\r\n",
+        reason_phrase(status),
+        body.len()
+    );
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+}
+
 /// `RateLimit-Limit`, `-Remaining` and `-Reset` lines for the tightest bucket.
 pub fn write_rate_headers(rate: &RateHeaders, out: &mut Vec<u8>) {
     let _ = write!(

@@ -13,6 +13,7 @@
 //! - [`cli`]: the subcommands, their arguments and their output.
 //! - [`snapshot`]: the in-memory, immutable view of the store that the loop serves from.
 //! - [`route`]: routing a request path to an API and a resource (pure).
+//! - [`plain`]: accepting and writing the plain TCP connections of the services above.
 //! - [`policy`]: the security decision for one request (pure).
 //! - [`systemd`]: notifications, the watchdog and socket activation, by their protocols.
 //! - [`throttle`]: token buckets as one number each (GCRA), pure integer arithmetic.
@@ -38,6 +39,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod plain;
 pub mod policy;
 pub mod pool;
 pub mod quickstart;

@@ -408,8 +408,8 @@ impl Server {
         let open = self.conns.len();
         let snapshot = &self.snapshot;
         let answer = |path: &str| match path {
-            "/healthz" if draining => admin::plain(503, "draining\n"),
-            "/healthz" => admin::plain(200, "ok\n"),
+            "/healthz" if draining => admin::text(503, "draining\n"),
+            "/healthz" => admin::text(200, "ok\n"),
             "/metrics" => {
                 let now = unix_now();
                 let days: Vec<(String, i64)> = snapshot
@@ -427,7 +427,7 @@ impl Server {
                     }),
                 }
             }
-            _ => admin::plain(404, "not found; try /healthz or /metrics\n"),
+            _ => admin::text(404, "not found; try /healthz or /metrics\n"),
         };
         admin.ready(token, self.poll.registry(), &answer);
     }

@@ -175,6 +175,14 @@ fn quickstart_serves_a_demo_that_its_printed_commands_call() {
         common::request_chunked("PUT", "/echo/1.0.0/big", &common::pattern(100_000), 7_000);
     let echo: Value = serde_json::from_slice(&client.request(&chunked).body).unwrap();
     assert_eq!(echo["body_bytes"], 100_000);
+    // A HEAD gets the head alone, and the connection (to the gateway and, pooled, to the
+    // echo backend) carries on.
+    client
+        .send(b"HEAD /echo/1.0.0/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let head = client.read_response(true).unwrap();
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert!(head.header("content-length").is_some_and(|n| n != "0"));
     let echo: Value = serde_json::from_slice(&client.get("/echo/1.0.0/").body).unwrap();
     assert_eq!(
         (echo["method"].as_str(), echo["body_bytes"].as_u64()),
