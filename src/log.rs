@@ -76,16 +76,9 @@ pub fn init(format: LogFormat) {
 /// Writes one access-log line; nothing when the log is off or was never set up.
 pub fn request(entry: &Entry<'_>) {
     let format = FORMAT.get().copied().unwrap_or(LogFormat::Off);
-    if format == LogFormat::Off {
-        return;
+    if format != LogFormat::Off {
+        write_line(|line| format_entry(format, entry, SystemTime::now(), line));
     }
-    LINE.with_borrow_mut(|line| {
-        line.clear();
-        format_entry(format, entry, SystemTime::now(), line);
-        // One write, so that lines never interleave with other output; a failing stderr loses
-        // the line, not the request.
-        let _ = std::io::stderr().lock().write_all(line);
-    });
 }
 
 /// Writes one line about a connection that is not a request (a failed handshake, say), in
@@ -95,127 +88,128 @@ pub fn event(msg: &str, conn: u64, peer: SocketAddr, reason: &str) {
     if format == LogFormat::Off {
         return;
     }
-    LINE.with_borrow_mut(|line| {
-        line.clear();
-        let time = OffsetDateTime::from(SystemTime::now());
-        match format {
-            LogFormat::Json => {
-                line.extend_from_slice(b"{\"time\":\"");
-                let _ = time.format_into(line, &Rfc3339);
-                line.extend_from_slice(b"\",\"msg\":");
-                json_string(msg, line);
-                let _ = write!(line, ",\"conn\":{conn},\"peer\":\"{peer}\",\"reason\":");
-                json_string(reason, line);
-                line.extend_from_slice(b"}\n");
-            }
-            _ => {
-                line.extend_from_slice(b"time=");
-                let _ = time.format_into(line, &Rfc3339);
-                line.extend_from_slice(b" msg=");
-                logfmt_value(msg, line);
-                let _ = write!(line, " conn={conn} peer={peer} reason=");
-                logfmt_value(reason, line);
-                line.push(b'\n');
-            }
-        }
-        let _ = std::io::stderr().lock().write_all(line);
+    write_line(|out| {
+        let mut line = Line::start(format, SystemTime::now(), out);
+        line.text("msg", msg);
+        line.number("conn", conn);
+        line.text_display("peer", peer);
+        line.text("reason", reason);
+        line.end();
     });
 }
 
 /// Writes an operational line (a reload, a drain, a store failure) in the log's format: as
 /// `msg` of a logfmt line, or of a JSON object. Written whatever the access log's setting.
 pub fn notice(msg: std::fmt::Arguments<'_>) {
-    let json = FORMAT.get() == Some(&LogFormat::Json);
+    let format = match FORMAT.get() {
+        Some(LogFormat::Json) => LogFormat::Json,
+        _ => LogFormat::Logfmt,
+    };
     let text = msg.to_string();
+    write_line(|out| {
+        let mut line = Line::start(format, SystemTime::now(), out);
+        line.text("msg", &text);
+        line.end();
+    });
+}
+
+/// Fills the reused line buffer with `fill` and writes it with one system call, so that lines
+/// never interleave with other output; a failing stderr loses the line, nothing else.
+fn write_line(fill: impl FnOnce(&mut Vec<u8>)) {
     LINE.with_borrow_mut(|line| {
         line.clear();
-        let time = OffsetDateTime::from(SystemTime::now());
-        if json {
-            line.extend_from_slice(b"{\"time\":\"");
-            let _ = time.format_into(line, &Rfc3339);
-            line.extend_from_slice(b"\",\"msg\":");
-            json_string(&text, line);
-            line.extend_from_slice(b"}\n");
-        } else {
-            line.extend_from_slice(b"time=");
-            let _ = time.format_into(line, &Rfc3339);
-            line.extend_from_slice(b" msg=");
-            logfmt_value(&text, line);
-            line.push(b'\n');
-        }
+        fill(line);
         let _ = std::io::stderr().lock().write_all(line);
     });
 }
 
 /// Appends `entry`'s line, newline included, to `out`.
 pub fn format_entry(format: LogFormat, entry: &Entry<'_>, now: SystemTime, out: &mut Vec<u8>) {
-    let time = OffsetDateTime::from(now);
+    if format == LogFormat::Off {
+        return;
+    }
     let millis = |d: Duration| d.as_secs_f64() * 1_000.0;
-    match format {
-        LogFormat::Off => {}
-        LogFormat::Logfmt => {
-            out.extend_from_slice(b"time=");
-            let _ = time.format_into(out, &Rfc3339);
-            let _ = write!(
-                out,
-                " msg=request conn={} id={} peer={}",
-                entry.conn, entry.id, entry.peer
-            );
-            out.extend_from_slice(b" api=");
-            logfmt_value(entry.api, out);
-            out.extend_from_slice(b" caller=");
-            logfmt_value(entry.caller, out);
-            out.extend_from_slice(b" method=");
-            logfmt_value(entry.method, out);
-            out.extend_from_slice(b" path=");
-            logfmt_value(entry.path, out);
-            let _ = write!(
-                out,
-                " status={} bytes={} duration_ms={:.3}",
-                entry.status,
-                entry.bytes,
-                millis(entry.duration)
-            );
-            match entry.upstream {
-                Some(d) => {
-                    let _ = write!(out, " upstream_ms={:.3}", millis(d));
-                }
-                None => out.extend_from_slice(b" upstream_ms=-"),
-            }
-            out.push(b'\n');
+    let mut line = Line::start(format, now, out);
+    line.text("msg", "request");
+    line.number("conn", entry.conn);
+    line.text("id", entry.id);
+    line.text_display("peer", entry.peer);
+    line.text("api", entry.api);
+    line.text("caller", entry.caller);
+    line.text("method", entry.method);
+    line.text("path", entry.path);
+    line.number("status", entry.status);
+    line.number("bytes", entry.bytes);
+    line.number("duration_ms", format_args!("{:.3}", millis(entry.duration)));
+    match entry.upstream {
+        Some(d) => line.number("upstream_ms", format_args!("{:.3}", millis(d))),
+        None => line.none("upstream_ms"),
+    }
+    line.end();
+}
+
+/// One line being written field by field: `key=value` pairs for logfmt, or a JSON object.
+struct Line<'a> {
+    json: bool,
+    out: &'a mut Vec<u8>,
+}
+
+impl<'a> Line<'a> {
+    /// Begins the line with its `time` (RFC 3339, UTC).
+    fn start(format: LogFormat, now: SystemTime, out: &'a mut Vec<u8>) -> Self {
+        let json = format == LogFormat::Json;
+        out.extend_from_slice(if json { b"{\"time\":\"" } else { b"time=" });
+        let _ = OffsetDateTime::from(now).format_into(out, &Rfc3339);
+        if json {
+            out.push(b'"');
         }
-        LogFormat::Json => {
-            out.extend_from_slice(b"{\"time\":\"");
-            let _ = time.format_into(out, &Rfc3339);
-            let _ = write!(
-                out,
-                "\",\"msg\":\"request\",\"conn\":{},\"id\":\"{}\",\"peer\":\"{}\"",
-                entry.conn, entry.id, entry.peer
-            );
-            for (name, value) in [
-                ("api", entry.api),
-                ("caller", entry.caller),
-                ("method", entry.method),
-                ("path", entry.path),
-            ] {
-                let _ = write!(out, ",\"{name}\":");
-                json_string(value, out);
-            }
-            let _ = write!(
-                out,
-                ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3}",
-                entry.status,
-                entry.bytes,
-                millis(entry.duration)
-            );
-            match entry.upstream {
-                Some(d) => {
-                    let _ = write!(out, ",\"upstream_ms\":{:.3}", millis(d));
-                }
-                None => out.extend_from_slice(b",\"upstream_ms\":null"),
-            }
-            out.extend_from_slice(b"}\n");
+        Self { json, out }
+    }
+
+    fn key(&mut self, key: &str) {
+        if self.json {
+            let _ = write!(self.out, ",\"{key}\":");
+        } else {
+            let _ = write!(self.out, " {key}=");
         }
+    }
+
+    /// A string value: quoted in JSON, and in logfmt where it needs to be.
+    fn text(&mut self, key: &str, value: &str) {
+        self.key(key);
+        if self.json {
+            json_string(value, self.out);
+        } else {
+            logfmt_value(value, self.out);
+        }
+    }
+
+    /// A value whose text needs no escaping (an address), as a string.
+    fn text_display(&mut self, key: &str, value: impl std::fmt::Display) {
+        self.key(key);
+        if self.json {
+            let _ = write!(self.out, "\"{value}\"");
+        } else {
+            let _ = write!(self.out, "{value}");
+        }
+    }
+
+    /// A number, bare in both formats.
+    fn number(&mut self, key: &str, value: impl std::fmt::Display) {
+        self.key(key);
+        let _ = write!(self.out, "{value}");
+    }
+
+    /// No value: `null` in JSON, `-` in logfmt.
+    fn none(&mut self, key: &str) {
+        self.key(key);
+        self.out
+            .extend_from_slice(if self.json { b"null" } else { b"-" });
+    }
+
+    fn end(self) {
+        self.out
+            .extend_from_slice(if self.json { b"}\n" } else { b"\n" });
     }
 }
 
