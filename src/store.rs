@@ -550,16 +550,7 @@ impl Store {
         if tier_id(&tx, name).is_ok() {
             return Err(StoreError::TierExists(name.to_owned()));
         }
-        tx.execute(
-            "INSERT INTO tiers (name, requests, per, burst) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                name,
-                clamp_i64(rate.requests),
-                rate.per.as_str(),
-                clamp_i64(rate.burst)
-            ],
-        )?;
-        let tier = select_tier(&tx, name)?;
+        let tier = put_tier(&tx, name, rate)?;
         tx.commit()?;
         Ok(tier)
     }
@@ -573,16 +564,7 @@ impl Store {
         let tx = self.write()?;
         let tier = select_tier(&tx, name)?;
         let rate = change(tier.rate.ok_or(StoreError::UnlimitedTier)?);
-        tx.execute(
-            "UPDATE tiers SET requests = ?2, per = ?3, burst = ?4 WHERE name = ?1",
-            params![
-                tier.name,
-                clamp_i64(rate.requests),
-                rate.per.as_str(),
-                clamp_i64(rate.burst)
-            ],
-        )?;
-        let tier = select_tier(&tx, name)?;
+        let tier = put_tier(&tx, &tier.name, rate)?;
         tx.commit()?;
         Ok(tier)
     }
@@ -1197,6 +1179,21 @@ where
     value.map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
     })
+}
+
+/// Stores tier `name` with `rate`, new or in place of its numbers, and reads it back.
+fn put_tier(conn: &Connection, name: &str, rate: Rate) -> Result<Tier, StoreError> {
+    conn.execute(
+        "INSERT INTO tiers (name, requests, per, burst) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (name) DO UPDATE SET requests = ?2, per = ?3, burst = ?4",
+        params![
+            name,
+            clamp_i64(rate.requests),
+            rate.per.as_str(),
+            clamp_i64(rate.burst)
+        ],
+    )?;
+    select_tier(conn, name)
 }
 
 fn select_tier(conn: &Connection, name: &str) -> Result<Tier, StoreError> {

@@ -317,3 +317,92 @@ fn cert_show_pem_gives_back_the_certificate_and_its_chain_and_der_is_read_too() 
     assert_eq!(added["subject"], "O=certgate tests, CN=leaf-p256");
     assert_eq!(added["kind"], "pinned");
 }
+
+#[test]
+fn tiers_are_added_updated_and_removed_only_when_unused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("certgate.db");
+    stdout(&certgate(&db, &["init"]));
+    stdout(&certgate(
+        &db,
+        &[
+            "api",
+            "add",
+            "pizza",
+            "--context",
+            "/pizza",
+            "--backend",
+            "http://127.0.0.1:9",
+        ],
+    ));
+    let add = [
+        "tier",
+        "add",
+        "Five",
+        "--requests",
+        "5",
+        "--per",
+        "minute",
+        "--json",
+    ];
+    let five: serde_json::Value = serde_json::from_str(&stdout(&certgate(&db, &add))).unwrap();
+    assert_eq!(
+        (five["requests"].as_u64(), five["burst"].as_u64()),
+        (Some(5), Some(5))
+    );
+    assert!(error(&certgate(&db, &add)).contains("already exists"));
+    // The burst followed the requests, so it follows them on; a burst given stays.
+    let up = stdout(&certgate(
+        &db,
+        &["tier", "update", "five", "--requests", "8", "--json"],
+    ));
+    let up: serde_json::Value = serde_json::from_str(&up).unwrap();
+    assert_eq!(
+        (up["name"].as_str(), up["burst"].as_u64()),
+        (Some("Five"), Some(8))
+    );
+    stdout(&certgate(&db, &["tier", "update", "Five", "--burst", "20"]));
+    let up = stdout(&certgate(
+        &db,
+        &["tier", "update", "Five", "--requests", "9", "--json"],
+    ));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&up).unwrap()["burst"],
+        20
+    );
+    assert!(error(&certgate(
+        &db,
+        &["tier", "update", "Unlimited", "--requests", "3"]
+    ))
+    .contains("Unlimited is built in"));
+    assert!(error(&certgate(
+        &db,
+        &["tier", "add", "Zero", "--requests", "0", "--per", "day"]
+    ))
+    .contains("from 1 up"));
+
+    let cert = format!("{}/fixtures/leaf-p256.pem", env!("CARGO_MANIFEST_DIR"));
+    stdout(&certgate(
+        &db,
+        &[
+            "cert", "add", "--api", "pizza", "--alias", "p", "--tier", "Five", &cert,
+        ],
+    ));
+    stdout(&certgate(
+        &db,
+        &["api", "update", "pizza", "--tier", "Five"],
+    ));
+    let in_use = error(&certgate(&db, &["tier", "remove", "Five"]));
+    assert!(
+        in_use.contains("certificates p") && in_use.contains("APIs pizza"),
+        "{in_use}"
+    );
+    stdout(&certgate(&db, &["cert", "update", "p", "--tier", "Gold"]));
+    stdout(&certgate(
+        &db,
+        &["api", "update", "pizza", "--tier", "Gold"],
+    ));
+    stdout(&certgate(&db, &["tier", "remove", "Five"]));
+    let list = stdout(&certgate(&db, &["tier", "list", "--json"]));
+    assert!(!list.contains("Five"), "{list}");
+}
